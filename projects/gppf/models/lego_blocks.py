@@ -1,0 +1,141 @@
+"""Residual blocks whose inner width is made of lego units.
+
+The units of a block are channel slices of its inner width: for a bottleneck
+the outputs of ``conv1`` (with ``bn1``), both sides of ``conv2`` (with
+``bn2``) and the inputs of ``conv3``; for a basic block the outputs of
+``conv1`` (with ``bn1``) and the inputs of ``conv2``. The residual stream and
+its norms (``bn3`` / basic ``bn2``, ``downsample``) are shared. A task's gate
+scales each active unit's output through the affine of the unit's last norm.
+Module names match mmdet/mmseg/mmpretrain ``ResNet`` blocks, so a dense
+checkpoint maps onto the units module by module.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+
+from .lego_layers import LegoBatchNorm, LegoConv2d
+
+__all__ = ['LegoBasicBlock', 'LegoBottleneck']
+
+
+class _LegoBlock(nn.Module):
+    """Shared plumbing: shape bookkeeping, downsample, checkpointing."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, num_legos: int,
+                 num_active: int, stride: int, dilation: int,
+                 downsample: Optional[nn.Module], style: str, with_cp: bool,
+                 norm_cfg: dict, unit_norm: dict) -> None:
+        super().__init__()
+        if planes % num_active:
+            raise ValueError(f'block width {planes} is not divisible by '
+                             f'num_active={num_active}')
+        self.inplanes = inplanes
+        self.planes = planes
+        self.num_legos = num_legos
+        self.unit_width = planes // num_active
+        self.stride = stride
+        self.dilation = dilation
+        self.style = style
+        self.with_cp = with_cp
+        self.downsample = downsample
+
+    def _inner(self, x: torch.Tensor, units: List[int],
+               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, units: List[int],
+                channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Run the block on ``x`` (B, C, H, W) with the route's ``units``
+        (k ints), their ``channels`` and per-channel ``gates`` (k*u,)."""
+
+        def _forward(x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._inner(x, units, channels, gates) + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_forward, x, use_reentrant=False)
+        else:
+            out = _forward(x)
+        return F.relu(out)
+
+
+class LegoBasicBlock(_LegoBlock):
+    """ResNet basic block (two 3x3 convs) with lego units inside."""
+
+    expansion = 1
+    #: the norm whose affine carries the gates
+    gated_norm = 'bn1'
+
+    def __init__(self, inplanes: int, planes: int, num_legos: int,
+                 num_active: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None,
+                 style: str = 'pytorch', with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN'),
+                 unit_norm: dict = dict()) -> None:
+        super().__init__(inplanes, planes, num_legos, num_active, stride,
+                         dilation, downsample, style, with_cp, norm_cfg,
+                         unit_norm)
+        u = self.unit_width
+        self.conv1 = LegoConv2d(inplanes, u, 3, num_legos, True, False,
+                                planes, stride, dilation, dilation)
+        self.bn1 = LegoBatchNorm(u, num_legos, **unit_norm)
+        self.conv2 = LegoConv2d(u, planes, 3, num_legos, False, True, planes,
+                                1, 1, 1)
+        self.norm2_name, norm2 = build_norm_layer(norm_cfg, planes, postfix=2)
+        self.add_module(self.norm2_name, norm2)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return getattr(self, self.norm2_name)
+
+    def _inner(self, x: torch.Tensor, units: List[int],
+               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x, units), units, channels, gates))
+        return self.last_norm(self.conv2(out, units))
+
+
+class LegoBottleneck(_LegoBlock):
+    """ResNet bottleneck block (1x1, 3x3, 1x1) with lego units inside."""
+
+    expansion = 4
+    gated_norm = 'bn2'
+
+    def __init__(self, inplanes: int, planes: int, num_legos: int,
+                 num_active: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None,
+                 style: str = 'pytorch', with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN'),
+                 unit_norm: dict = dict()) -> None:
+        super().__init__(inplanes, planes, num_legos, num_active, stride,
+                         dilation, downsample, style, with_cp, norm_cfg,
+                         unit_norm)
+        conv1_stride, conv2_stride = ((1, stride) if style == 'pytorch' else
+                                      (stride, 1))
+        u, n = self.unit_width, num_legos
+        out = planes * self.expansion
+        self.conv1 = LegoConv2d(inplanes, u, 1, n, True, False, planes,
+                                conv1_stride)
+        self.bn1 = LegoBatchNorm(u, n, **unit_norm)
+        self.conv2 = LegoConv2d(u, u, 3, n, True, True, planes, conv2_stride,
+                                dilation, dilation)
+        self.bn2 = LegoBatchNorm(u, n, **unit_norm)
+        self.conv3 = LegoConv2d(u, out, 1, n, False, True, out)
+        self.norm3_name, norm3 = build_norm_layer(
+            norm_cfg, planes * self.expansion, postfix=3)
+        self.add_module(self.norm3_name, norm3)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return getattr(self, self.norm3_name)
+
+    def _inner(self, x: torch.Tensor, units: List[int],
+               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x, units), units, channels))
+        out = F.relu(self.bn2(self.conv2(out, units), units, channels, gates))
+        return self.last_norm(self.conv3(out, units))

@@ -1,0 +1,150 @@
+"""Moving weights between dense ResNets and LegoResNet.
+
+- :func:`load_dense_or_lego` inflates a dense ResNet state dict (torchvision
+  or OpenMMLab keys) into the lego units: unit ``i`` of a layer gets the dense
+  channel slice ``i mod k``, so a route whose units cover every slice once
+  reproduces the dense network exactly. A LegoResNet state dict loads as is,
+  after its lego layout is checked (``LegoResNet.set_extra_state``).
+- :func:`extract_task_state_dict` gathers one task's units (its noise-free or
+  frozen route) into a dense state dict with stock ``ResNet`` key names and
+  shapes, folding the task's gates into the gated norms. A stock
+  ``type='ResNet'`` backbone loaded with it computes what the LegoResNet
+  computes for that task.
+"""
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from .lego_layers import LegoBatchNorm, LegoConv2d, inflate_slots
+
+if TYPE_CHECKING:
+    from .lego_resnet import LegoResNet
+
+__all__ = [
+    'read_state_dict', 'lego_modules', 'load_dense_or_lego',
+    'extract_task_state_dict'
+]
+
+_NORM_TENSORS = ('weight', 'bias', 'running_mean', 'running_var',
+                 'num_batches_tracked')
+LegoModule = Union[LegoConv2d, LegoBatchNorm]
+
+
+def read_state_dict(checkpoint: str,
+                    prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint's state dict (mmengine or torchvision style).
+
+    Strips ``module.``; keeps only and strips ``prefix`` if given, else strips
+    ``backbone.`` when the checkpoint is a whole OpenMMLab model.
+    """
+    ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    state = ckpt.get('state_dict', ckpt.get('model', ckpt))
+    state = {k[7:] if k.startswith('module.') else k: v
+             for k, v in state.items()}
+    if prefix is None and not any(k.startswith(('conv1.', 'stem.'))
+                                  for k in state):
+        prefix = 'backbone.'
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {k[len(prefix):]: v for k, v in state.items()
+                 if k.startswith(prefix)}
+        if not state:
+            raise KeyError(f'{checkpoint} has no keys with prefix {prefix!r}')
+    return state
+
+
+def lego_modules(backbone: 'LegoResNet'
+                 ) -> Iterator[Tuple[str, LegoModule, int, bool]]:
+    """Yield ``(name, module, lego-layer index, carries the gates)``."""
+    layer = 0
+    for name in backbone.res_layers:
+        for j, block in enumerate(getattr(backbone, name)):
+            for child_name, child in block.named_children():
+                if isinstance(child, (LegoConv2d, LegoBatchNorm)):
+                    yield (f'{name}.{j}.{child_name}', child, layer,
+                           child_name == block.gated_norm)
+            layer += 1
+
+
+def load_dense_or_lego(backbone: 'LegoResNet',
+                       state: Dict[str, torch.Tensor]) -> None:
+    """Load a LegoResNet state dict, or inflate a dense ResNet one.
+
+    Raises:
+        ValueError: a tensor's shape fits neither layout (names the key and
+            the expected and given shapes), or the lego layout differs.
+    """
+    if 'router.logits' in state or '_extra_state' in state:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith('router.')]
+    else:
+        slots = inflate_slots(backbone.num_legos, backbone.num_active)
+        lego = {name: module for name, module, _, _ in lego_modules(backbone)}
+        target = backbone.state_dict()
+        shared, used, missing = {}, set(), []
+        for key, value in state.items():
+            if key.rsplit('.', 1)[0] in lego:
+                continue
+            if key in target:
+                if value.shape != target[key].shape:
+                    raise ValueError(f'{key}: expected shape '
+                                     f'{tuple(target[key].shape)}, got '
+                                     f'{tuple(value.shape)}')
+                shared[key] = value
+        backbone.load_state_dict(shared, strict=False)
+        used.update(shared)
+        for name, module in lego.items():
+            if isinstance(module, LegoConv2d):
+                key = f'{name}.weight'
+                if key not in state:
+                    missing.append(key)
+                    continue
+                module.load_dense(state[key], slots)
+                used.add(key)
+            else:
+                dense = {t: state[f'{name}.{t}'] for t in _NORM_TENSORS
+                         if f'{name}.{t}' in state}
+                missing += [f'{name}.{t}' for t in _NORM_TENSORS[:4]
+                            if t not in dense]
+                module.load_dense(dense, slots)
+                used.update(f'{name}.{t}' for t in dense)
+        missing += [k for k in target if k not in used and not k.startswith(
+            'router.') and not k.endswith('_extra_state') and
+            k.rsplit('.', 1)[0] not in lego and
+            k.rsplit('.', 2)[0] not in lego]
+        unexpected = [k for k in state if k not in used]
+    if missing:
+        print_log(f'LegoResNet: missing keys in checkpoint: {missing}',
+                  logger='current', level=30)
+    if unexpected:
+        print_log(f'LegoResNet: unused keys in checkpoint: {unexpected}',
+                  logger='current', level=20)
+
+
+@torch.no_grad()
+def extract_task_state_dict(backbone: 'LegoResNet',
+                            task: str) -> Dict[str, torch.Tensor]:
+    """One task's sub-network as a stock ResNet state dict (no prefix)."""
+    route = backbone.router.greedy_route(task)
+    units = route.indices.tolist()
+    out, lego = {}, set()
+    for name, module, layer, gated in lego_modules(backbone):
+        lego.add(name)
+        if isinstance(module, LegoConv2d):
+            out[f'{name}.weight'] = module.gather(units[layer])
+            continue
+        tensors = module.gather(units[layer])
+        if gated:
+            gates = route.gates[layer].repeat_interleave(module.unit_width)
+            tensors['weight'] = tensors['weight'] * gates
+            tensors['bias'] = tensors['bias'] * gates
+        out.update({f'{name}.{t}': v for t, v in tensors.items()})
+    for key, value in backbone.state_dict().items():
+        owner = key.rsplit('.', 1)[0]
+        if (key.startswith('router.') or key.endswith('_extra_state')
+                or owner in lego or owner.rsplit('.', 1)[0] in lego):
+            continue
+        out[key] = value
+    return {k: v.detach().clone() for k, v in out.items()}
