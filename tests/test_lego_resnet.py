@@ -249,3 +249,34 @@ def test_bad_arguments_name_the_problem():
         LegoResNet(50, dcn=dict(type='DCNv2'))
     with pytest.raises(ValueError, match='per-unit BatchNorm'):
         LegoResNet(18, norm_cfg=dict(type='GN', num_groups=8))
+
+
+def test_inflating_a_checkpoint_of_another_depth_names_the_tensor(tmp_path):
+    path = tmp_path / 'r50.pth'
+    torch.save({'state_dict': _dense(50).state_dict()}, path)
+    lego = LegoResNet(
+        18, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r'layer\d\.0\.\S+: expected shape \(.*\), got \('):
+        lego.init_weights()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_amp_gradients_reach_exactly_the_active_units(dtype):
+    model = _lego(50, tasks=('a', 'b'), zero_init_residual=False).cuda()
+    model.router.set_route('a', torch.tensor([[0, 2]] * 16))
+    x = torch.randn(4, 3, 64, 64, device='cuda')
+    with use_task('a'), torch.autocast('cuda', dtype=dtype):
+        outs = model(x)
+    assert outs[-1].dtype == dtype
+    sum(o.float().mean() for o in outs).backward()
+    for name, module, _, _ in lego_modules(model):
+        for key, param in module.named_parameters():
+            idx = int(key.split('.')[-1])
+            both = getattr(module, 'lego_in', False) and getattr(
+                module, 'lego_out', False)
+            units = divmod(idx, 4) if both else (idx, )
+            active = all(u in (0, 2) for u in units)
+            assert (param.grad is not None) == active, f'{name}.{key}'
+            if active:
+                assert torch.isfinite(param.grad).all()
