@@ -362,6 +362,9 @@ class LegoResNet(BaseModule):
             depth=self.depth,
             num_stages=self.num_stages,
             base_channels=self.base_channels,
+            stem_channels=self.stem_channels,
+            deep_stem=self.deep_stem,
+            avg_down=self.avg_down,
             num_legos=self.num_legos,
             num_active=self.num_active,
             tasks=list(self.tasks))
