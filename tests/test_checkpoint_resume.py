@@ -27,11 +27,10 @@ def _load_tool():
 def fmnist_cls(tmp_path_factory) -> Path:
     pdd = _load_tool()
     root = tmp_path_factory.mktemp('data')
-    args = pdd.parse_args(['--out', str(root), '--num-train', '32',
-                           '--num-val', '8'])
+    args = pdd.parse_args(
+        ['--out', str(root), '--num-train', '32', '--num-val', '8'])
     try:
-        pdd.prepare('fmnist_cls', root, pdd.dataset_cfg('fmnist_cls', args),
-                    0)
+        pdd.prepare('fmnist_cls', root, pdd.dataset_cfg('fmnist_cls', args), 0)
     except pdd.SourceUnavailable as e:
         pytest.skip(f'Fashion-MNIST unavailable: {e}')
     return root / 'fmnist_cls'
@@ -42,7 +41,10 @@ class _LossRecorder(Hook):
     def __init__(self):
         self.losses = {}
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         self.losses[runner.iter] = outputs['loss'].item()
 
@@ -61,12 +63,19 @@ def _runner(work_dir: Path, data_root: Path, resume=False) -> Runner:
             data_preprocessor=dict(
                 type='ClsDataPreprocessor', mean=[128.] * 3, std=[64.] * 3),
             backbone=dict(
-                type='LegoResNet', depth=18, num_legos=4, num_active=2,
-                tasks=('a', 'b'), task='a', router=dict(noise_std=1.0),
+                type='LegoResNet',
+                depth=18,
+                num_legos=4,
+                num_active=2,
+                tasks=('a', 'b'),
+                task='a',
+                router=dict(noise_std=1.0),
                 out_indices=(3, )),
             neck=dict(type='GlobalAveragePooling'),
             head=dict(
-                type='LinearClsHead', num_classes=10, in_channels=512,
+                type='LinearClsHead',
+                num_classes=10,
+                in_channels=512,
                 loss=dict(type='CrossEntropyLoss'))),
         work_dir=str(work_dir),
         train_dataloader=dict(
@@ -74,18 +83,20 @@ def _runner(work_dir: Path, data_root: Path, resume=False) -> Runner:
             num_workers=0,
             sampler=dict(type='InfiniteSampler', shuffle=True),
             dataset=dict(
-                type='CustomDataset', data_root=str(data_root),
-                ann_file='meta/train.txt', data_prefix='train',
-                metainfo=dict(classes=classes), pipeline=pipeline)),
+                type='CustomDataset',
+                data_root=str(data_root),
+                ann_file='meta/train.txt',
+                data_prefix='train',
+                metainfo=dict(classes=classes),
+                pipeline=pipeline)),
         train_cfg=dict(type='IterBasedTrainLoop', max_iters=6),
         optim_wrapper=dict(
-            optimizer=dict(type='SGD', lr=0.05, momentum=0.9,
-                           weight_decay=1e-4)),
-        param_scheduler=dict(type='MultiStepLR', by_epoch=False,
-                             milestones=[3]),
+            optimizer=dict(
+                type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-4)),
+        param_scheduler=dict(
+            type='MultiStepLR', by_epoch=False, milestones=[3]),
         default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=3,
-                            by_epoch=False),
+            checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False),
             logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=[_LossRecorder()],
         randomness=dict(seed=0),
@@ -133,8 +144,10 @@ def test_checkpoint_needs_only_the_allow_listed_globals(tmp_path, fmnist_cls):
             torch.load(path, weights_only=True)  # the failure being fixed
     finally:
         allow_mmengine_globals()
-    allowed = {f'{g.__module__}.{g.__qualname__}'
-               for g in mmengine_safe_globals()} | {'builtins.getattr'}
+    allowed = {
+        f'{g.__module__}.{g.__qualname__}'
+        for g in mmengine_safe_globals()
+    } | {'builtins.getattr'}
     assert unsafe, 'mmengine checkpoints hold numpy globals'
     assert unsafe <= allowed, unsafe - allowed
     ckpt = torch.load(path, weights_only=True)  # no error
@@ -145,7 +158,7 @@ class _Evil:
 
     def __reduce__(self):
         import os
-        return (os.system, ('echo pwned',))
+        return (os.system, ('echo pwned', ))
 
 
 class _GetattrGadget:
@@ -155,8 +168,9 @@ class _GetattrGadget:
         return (getattr, (HistoryBuffer, '__subclasshook__'))
 
 
-@pytest.mark.parametrize('payload,match', [(_Evil, 'system'),
-                                           (_GetattrGadget, 'refused getattr')])
+@pytest.mark.parametrize('payload,match',
+                         [(_Evil, 'system'),
+                          (_GetattrGadget, 'refused getattr')])
 def test_code_in_a_checkpoint_is_still_refused(tmp_path, payload, match):
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'meta': payload()}, path)

@@ -1,9 +1,12 @@
 """LegoResNet: shapes, sparse gradients, dense equivalence, routing, errors."""
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from mmdet.models.backbones import ResNet as DenseResNet
+from mmpretrain.models.backbones import ResNet as ClsResNet
 
 from projects.gppf import (LegoResNet, extract_task_state_dict,
                            load_dense_or_lego, use_task)
@@ -53,18 +56,18 @@ def test_gradients_reach_exactly_the_active_units(depth):
         num_active=2,
         tasks=('a', 'b'),
         zero_init_residual=False)
-    model.router.set_route('a', torch.tensor([[0, 2]] * 8 if depth == 18
-                                             else [[0, 2]] * 16))
+    model.router.set_route(
+        'a', torch.tensor([[0, 2]] * 8 if depth == 18 else [[0, 2]] * 16))
     with use_task('a'):
-        sum(o.float().pow(2).mean() for o in model(torch.randn(2, 3, 64, 64))
-            ).backward()
+        sum(o.float().pow(2).mean()
+            for o in model(torch.randn(2, 3, 64, 64))).backward()
     checked = 0
     for name, module, _, _ in lego_modules(model):
         for key, param in module.named_parameters():
             idx = int(key.split('.')[-1])
             units = divmod(idx, 4) if key.startswith('weight') and getattr(
-                module, 'lego_in', False) and getattr(
-                    module, 'lego_out', False) else (idx, )
+                module, 'lego_in', False) and getattr(module, 'lego_out',
+                                                      False) else (idx, )
             if all(u in (0, 2) for u in units):
                 assert param.grad is not None and \
                     param.grad.abs().sum() > 0, f'{name}.{key}: no grad'
@@ -113,7 +116,9 @@ def test_inflated_checkpoint_matches_dense(depth, tmp_path):
     torch.save({'state_dict': dense.state_dict()}, path)
     # N == k == 1: the lego network is the dense one.
     lego = LegoResNet(
-        depth, num_legos=1, num_active=1,
+        depth,
+        num_legos=1,
+        num_active=1,
         init_cfg=dict(type='Pretrained', checkpoint=str(path))).eval()
     lego.init_weights()
     x = torch.randn(2, 3, 64, 64)
@@ -122,7 +127,9 @@ def test_inflated_checkpoint_matches_dense(depth, tmp_path):
     # N=4, k=2: any route covering both dense slices reproduces it (the
     # hidden channels come out permuted, which the block output ignores).
     lego = LegoResNet(
-        depth, num_legos=4, num_active=2,
+        depth,
+        num_legos=4,
+        num_active=2,
         init_cfg=dict(type='Pretrained', checkpoint=str(path))).eval()
     lego.init_weights()
     lego.router.logits.data.zero_()  # equal gates of 1
@@ -221,8 +228,8 @@ def test_routes_survive_state_dict_round_trip():
     assert other.router.frozen == [True, False]
     assert other.router.num_calls == model.router.num_calls
     assert other.router.noise_std == 1.0
-    assert torch.equal(other.router.greedy_indices('a'),
-                       model.router.greedy_indices('a'))
+    assert torch.equal(
+        other.router.greedy_indices('a'), model.router.greedy_indices('a'))
     torch.testing.assert_close(other.router.logits, model.router.logits)
 
 
@@ -231,7 +238,8 @@ def test_mismatched_lego_layout_is_refused():
     with pytest.raises(ValueError, match=r'num_legos=2 vs 4'):
         _lego(18, num_legos=2).load_state_dict(state, strict=False)
     state = _lego(18, tasks=('a', 'b')).state_dict()
-    with pytest.raises(ValueError, match=r"tasks=\['a', 'c'\] vs \['a', 'b'\]"):
+    with pytest.raises(
+            ValueError, match=r"tasks=\['a', 'c'\] vs \['a', 'b'\]"):
         _lego(18, tasks=('a', 'c')).load_state_dict(state, strict=False)
 
 
@@ -256,7 +264,9 @@ def test_inflating_a_checkpoint_of_another_depth_names_the_tensor(tmp_path):
     torch.save({'state_dict': _dense(50).state_dict()}, path)
     lego = LegoResNet(
         18, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    with pytest.raises(ValueError, match=r'layer\d\.0\.\S+: expected shape \(.*\), got \('):
+    with pytest.raises(
+            ValueError,
+            match=r'layer\d\.0\.\S+: expected shape \(.*\), got \('):
         lego.init_weights()
 
 
@@ -283,12 +293,10 @@ def test_cuda_amp_gradients_reach_exactly_the_active_units(dtype):
 
 
 def test_lego2resnet_tool_writes_a_stock_checkpoint(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    from mmpretrain.models.backbones import ResNet as ClsResNet
     spec = importlib.util.spec_from_file_location(
-        'lego2resnet', Path(__file__).resolve().parents[1] / 'tools' /
-        'model_converters' / 'lego2resnet.py')
+        'lego2resnet',
+        Path(__file__).resolve().parents[1] / 'tools' / 'model_converters' /
+        'lego2resnet.py')
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     lego = _lego(18, tasks=('det', 'cls'), zero_init_residual=False)
@@ -296,15 +304,23 @@ def test_lego2resnet_tool_writes_a_stock_checkpoint(tmp_path):
         lego.router.logits.normal_()
     lego.eval()
     src = tmp_path / 'gppf.pth'
-    torch.save({'state_dict': {f'backbone.{k}': v
-                               for k, v in lego.state_dict().items()}}, src)
+    torch.save(
+        {
+            'state_dict': {
+                f'backbone.{k}': v
+                for k, v in lego.state_dict().items()
+            }
+        }, src)
     with pytest.raises(KeyError, match="task 'seg' is not routed"):
         tool.convert(str(src), 'seg', str(tmp_path / 'x.pth'))
     out = tmp_path / 'cls_r18.pth'
     meta = tool.convert(str(src), 'cls', str(out))
     assert meta['gppf_route'] == lego.router.greedy_indices('cls').tolist()
-    stock = ClsResNet(18, out_indices=(0, 1, 2, 3), init_cfg=dict(
-        type='Pretrained', prefix='backbone.', checkpoint=str(out)))
+    stock = ClsResNet(
+        18,
+        out_indices=(0, 1, 2, 3),
+        init_cfg=dict(
+            type='Pretrained', prefix='backbone.', checkpoint=str(out)))
     stock.init_weights()
     stock.eval()
     x = torch.randn(2, 3, 64, 64)

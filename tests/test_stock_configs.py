@@ -83,7 +83,9 @@ train_dataloader = dict(
 
 def _seg_cfg(data: Path) -> str:
     return f"""
-_base_ = ['{ROOT}/configs/lego_resnet/upernet_lego-r50_4xb4-160k_ade20k-512x512.py']
+_base_ = [
+    '{ROOT}/configs/lego_resnet/upernet_lego-r50_4xb4-160k_ade20k-512x512.py'
+]
 model = dict(
     pretrained=None,
     data_preprocessor=dict(size=(128, 128)),
@@ -96,7 +98,8 @@ train_dataloader = dict(
         _delete_=True,
         type='BaseSegDataset',
         data_root='{data}/fmnist_seg/',
-        data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),
+        data_prefix=dict(
+            img_path='img_dir/train', seg_map_path='ann_dir/train'),
         img_suffix='.png', seg_map_suffix='.png',
         metainfo=dict(classes={('background', ) + FMNIST}),
         pipeline=[

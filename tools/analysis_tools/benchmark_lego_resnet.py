@@ -22,7 +22,8 @@ from typing import Callable, Dict
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from mmpretrain.models.backbones import ResNet  # noqa: E402
 
@@ -39,8 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp', choices=['none', 'fp16', 'bf16'],
-                        default='none')
+    parser.add_argument(
+        '--amp', choices=['none', 'fp16', 'bf16'], default='none')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--threads', type=int, default=None)
     return parser.parse_args()
@@ -51,8 +52,8 @@ def make_step(model: torch.nn.Module, x: torch.Tensor,
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(amp)
 
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=dtype,
-                            enabled=dtype is not None):
+        with torch.autocast(
+                x.device.type, dtype=dtype, enabled=dtype is not None):
             loss = sum(o.float().mean() for o in model(x))
         loss.backward()
         for p in model.parameters():
@@ -69,8 +70,8 @@ def sync(device: torch.device) -> None:
 def cpu_peak_bytes(step: Callable[[], None]) -> int:
     """Peak of the live CPU allocations torch makes during ``step``."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU],
-                 profile_memory=True) as prof:
+    with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.events() if e.self_cpu_memory_usage != 0]
     events.sort(key=lambda e: e.time_range.start)
@@ -100,11 +101,14 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     models: Dict[str, torch.nn.Module] = {
-        'stock': ResNet(args.depth, out_indices=(0, 1, 2, 3)),
-        'lego': LegoResNet(args.depth, num_legos=args.num_legos,
-                           num_active=args.num_active),
+        'stock':
+        ResNet(args.depth, out_indices=(0, 1, 2, 3)),
+        'lego':
+        LegoResNet(
+            args.depth, num_legos=args.num_legos, num_active=args.num_active),
     }
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = (torch.channels_last
+           if args.channels_last else torch.contiguous_format)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     x = x.contiguous(memory_format=fmt)
     steps = {}
@@ -126,15 +130,20 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     peak = {name: peak_bytes(step, device) for name, step in steps.items()}
-    params = {name: sum(p.numel() for p in m.parameters())
-              for name, m in models.items()}
+    params = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in models.items()
+    }
     active = models['lego'].num_active / models['lego'].num_legos
-    where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
-             else f'{torch.get_num_threads()} threads')
-    print(f'device={device} ({where}) depth={args.depth} num_legos={args.num_legos} '
-          f'num_active={args.num_active} batch={args.batch} '
-          f'size={args.size} amp={args.amp} '
-          f'channels_last={args.channels_last} iters={args.iters}')
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == 'cuda' else f'{torch.get_num_threads()} threads')
+    print(
+        f'device={device} ({where}) depth={args.depth} '
+        f'num_legos={args.num_legos} '
+        f'num_active={args.num_active} batch={args.batch} '
+        f'size={args.size} amp={args.amp} '
+        f'channels_last={args.channels_last} iters={args.iters}')
     for name in steps:
         print(f'{name:>5}: {median[name] * 1e3:9.1f} ms/step  '
               f'{args.batch / median[name]:8.1f} img/s  '

@@ -1,4 +1,4 @@
-"""Extract one task's sub-network of a LegoResNet into a stock ResNet checkpoint.
+"""Extract a task's sub-network of a LegoResNet as a stock ResNet checkpoint.
 
 The task's noise-free (or frozen) route picks k units per lego layer; their
 slices are gathered into dense tensors with stock ``ResNet`` key names and
@@ -21,13 +21,16 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from projects.gppf.models import (LegoResNet, extract_task_state_dict,  # noqa
-                                  read_state_dict)
+from projects.gppf.models import (LegoResNet,  # noqa: E402
+                                  extract_task_state_dict, read_state_dict)
 
 
-def convert(checkpoint: str, task: str, out: str,
+def convert(checkpoint: str,
+            task: str,
+            out: str,
             prefix: str = 'backbone.') -> dict:
     """Write ``task``'s sub-network of ``checkpoint`` to ``out``."""
     state = read_state_dict(checkpoint, prefix)
@@ -48,7 +51,8 @@ def convert(checkpoint: str, task: str, out: str,
         gppf_route=route.indices.tolist(),
         gppf_gates=route.gates.tolist(),
         stock_backbone=dict(
-            depth=layout['depth'], deep_stem=layout['deep_stem'],
+            depth=layout['depth'],
+            deep_stem=layout['deep_stem'],
             avg_down=layout['avg_down']))
     out_state = {f'backbone.{k}': v for k, v in dense.items()}
     # Atomic: a crash never leaves a half-written checkpoint at OUT.
@@ -70,12 +74,15 @@ def main() -> None:
     parser.add_argument('checkpoint', help='GPPF or LegoResNet checkpoint')
     parser.add_argument('task', help='the task whose sub-network to extract')
     parser.add_argument('out', help='output checkpoint path')
-    parser.add_argument('--prefix', default='backbone.',
-                        help='prefix of the LegoResNet keys in CKPT')
+    parser.add_argument(
+        '--prefix',
+        default='backbone.',
+        help='prefix of the LegoResNet keys in CKPT')
     args = parser.parse_args()
     meta = convert(args.checkpoint, args.task, args.out, args.prefix)
-    print(f'wrote {args.out}: task {args.task}, ResNet-{meta["stock_backbone"]["depth"]}'
-          f' (deep_stem={meta["stock_backbone"]["deep_stem"]})')
+    stock = meta['stock_backbone']
+    print(f'wrote {args.out}: task {args.task}, ResNet-{stock["depth"]} '
+          f'(deep_stem={stock["deep_stem"]})')
 
 
 if __name__ == '__main__':

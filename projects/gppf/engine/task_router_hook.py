@@ -90,12 +90,16 @@ class TaskRouterHook(Hook):
         self.routers(runner)  # fail early
         if runner.iter < self.warmup_iters:
             for router in self.routers(runner):
-                free = [t for i, t in enumerate(router.tasks)
-                        if not router.frozen[i]]
+                free = [
+                    t for i, t in enumerate(router.tasks)
+                    if not router.frozen[i]
+                ]
                 router.freeze(free)
                 self._warm_frozen = free
 
-    def before_train_iter(self, runner, batch_idx: int,
+    def before_train_iter(self,
+                          runner,
+                          batch_idx: int,
                           data_batch=None) -> None:
         it = runner.iter
         routers = self.routers(runner)
@@ -117,7 +121,10 @@ class TaskRouterHook(Hook):
             if self.freeze_iter is not None and it == self.freeze_iter:
                 router.freeze()
 
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx: int,
+                         data_batch=None,
                          outputs=None) -> None:
         if not self.every_n_train_iters(runner, self.log_interval):
             return
@@ -167,23 +174,30 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    probs = F.softmax(router.logits.detach().float().cpu() /
-                      router.temperature, dim=-1)  # (T, L, N)
+    probs = F.softmax(
+        router.logits.detach().float().cpu() / router.temperature,
+        dim=-1)  # (T, L, N)
     usage = router.usage()
     num_tasks, num_layers, num_legos = probs.shape
     cols = min(num_layers, 8)
     rows = math.ceil(num_layers / cols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(1.2 + cols * (0.35 * num_legos + 0.6),
-                             rows * (0.3 * num_tasks + 0.9)),
+        rows,
+        cols,
+        figsize=(1.2 + cols * (0.35 * num_legos + 0.6),
+                 rows * (0.3 * num_tasks + 0.9)),
         squeeze=False)
     for layer in range(rows * cols):
         ax = axes[layer // cols][layer % cols]
         if layer >= num_layers:
             ax.axis('off')
             continue
-        ax.imshow(probs[:, layer].numpy(), vmin=0, vmax=1, cmap='viridis',
-                  aspect='auto')
+        ax.imshow(
+            probs[:, layer].numpy(),
+            vmin=0,
+            vmax=1,
+            cmap='viridis',
+            aspect='auto')
         for t, task in enumerate(router.tasks):
             for n in usage[task][layer].nonzero().flatten().tolist():
                 ax.plot(n, t, marker='s', ms=4, mfc='none', mec='red')
@@ -191,8 +205,8 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
         ax.set_xticks(range(num_legos))
         ax.set_xticklabels(range(num_legos), fontsize=6)
         ax.set_yticks(range(num_tasks))
-        ax.set_yticklabels(router.tasks if layer % cols == 0 else [],
-                           fontsize=6)
+        ax.set_yticklabels(
+            router.tasks if layer % cols == 0 else [], fontsize=6)
     fig.suptitle('route probability (task x unit); red: active', fontsize=8)
     fig.tight_layout()
     fig.canvas.draw()

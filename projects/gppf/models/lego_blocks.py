@@ -45,8 +45,8 @@ class _LegoBlock(nn.Module):
         self.with_cp = with_cp
         self.downsample = downsample
 
-    def _inner(self, x: torch.Tensor, units: List[int],
-               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
+               gates: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, units: List[int],
@@ -72,18 +72,26 @@ class LegoBasicBlock(_LegoBlock):
     #: the norm whose affine carries the gates
     gated_norm = 'bn1'
 
-    def __init__(self, inplanes: int, planes: int, num_legos: int,
-                 num_active: int, stride: int = 1, dilation: int = 1,
-                 downsample: Optional[nn.Module] = None,
-                 style: str = 'pytorch', with_cp: bool = False,
-                 norm_cfg: dict = dict(type='BN'),
-                 unit_norm: dict = dict()) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        num_legos: int,
+        num_active: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: Optional[nn.Module] = None,
+        style: str = 'pytorch',
+        with_cp: bool = False,
+        norm_cfg: dict = dict(type='BN'),
+        unit_norm: dict = dict()
+    ) -> None:
         super().__init__(inplanes, planes, num_legos, num_active, stride,
                          dilation, downsample, style, with_cp, norm_cfg,
                          unit_norm)
         u = self.unit_width
-        self.conv1 = LegoConv2d(inplanes, u, 3, num_legos, True, False,
-                                planes, stride, dilation, dilation)
+        self.conv1 = LegoConv2d(inplanes, u, 3, num_legos, True, False, planes,
+                                stride, dilation, dilation)
         self.bn1 = LegoBatchNorm(u, num_legos, **unit_norm)
         self.conv2 = LegoConv2d(u, planes, 3, num_legos, False, True, planes,
                                 1, 1, 1)
@@ -94,8 +102,8 @@ class LegoBasicBlock(_LegoBlock):
     def last_norm(self) -> nn.Module:
         return getattr(self, self.norm2_name)
 
-    def _inner(self, x: torch.Tensor, units: List[int],
-               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
+               gates: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x, units), units, channels, gates))
         return self.last_norm(self.conv2(out, units))
 
@@ -106,12 +114,20 @@ class LegoBottleneck(_LegoBlock):
     expansion = 4
     gated_norm = 'bn2'
 
-    def __init__(self, inplanes: int, planes: int, num_legos: int,
-                 num_active: int, stride: int = 1, dilation: int = 1,
-                 downsample: Optional[nn.Module] = None,
-                 style: str = 'pytorch', with_cp: bool = False,
-                 norm_cfg: dict = dict(type='BN'),
-                 unit_norm: dict = dict()) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        num_legos: int,
+        num_active: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: Optional[nn.Module] = None,
+        style: str = 'pytorch',
+        with_cp: bool = False,
+        norm_cfg: dict = dict(type='BN'),
+        unit_norm: dict = dict()
+    ) -> None:
         super().__init__(inplanes, planes, num_legos, num_active, stride,
                          dilation, downsample, style, with_cp, norm_cfg,
                          unit_norm)
@@ -134,8 +150,8 @@ class LegoBottleneck(_LegoBlock):
     def last_norm(self) -> nn.Module:
         return getattr(self, self.norm3_name)
 
-    def _inner(self, x: torch.Tensor, units: List[int],
-               channels: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
+               gates: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x, units), units, channels))
         out = F.relu(self.bn2(self.conv2(out, units), units, channels, gates))
         return self.last_norm(self.conv3(out, units))

@@ -41,22 +41,26 @@ def read_state_dict(checkpoint: str,
     """
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
     state = ckpt.get('state_dict', ckpt.get('model', ckpt))
-    state = {k[7:] if k.startswith('module.') else k: v
-             for k, v in state.items()}
-    if prefix is None and not any(k.startswith(('conv1.', 'stem.'))
-                                  for k in state):
+    state = {
+        k[7:] if k.startswith('module.') else k: v
+        for k, v in state.items()
+    }
+    if prefix is None and not any(
+            k.startswith(('conv1.', 'stem.')) for k in state):
         prefix = 'backbone.'
     if prefix:
         prefix = prefix if prefix.endswith('.') else prefix + '.'
-        state = {k[len(prefix):]: v for k, v in state.items()
-                 if k.startswith(prefix)}
+        state = {
+            k[len(prefix):]: v
+            for k, v in state.items() if k.startswith(prefix)
+        }
         if not state:
             raise KeyError(f'{checkpoint} has no keys with prefix {prefix!r}')
     return state
 
 
-def lego_modules(backbone: 'LegoResNet'
-                 ) -> Iterator[Tuple[str, LegoModule, int, bool]]:
+def lego_modules(
+        backbone: 'LegoResNet') -> Iterator[Tuple[str, LegoModule, int, bool]]:
     """Yield ``(name, module, lego-layer index, carries the gates)``."""
     layer = 0
     for name in backbone.res_layers:
@@ -104,23 +108,31 @@ def load_dense_or_lego(backbone: 'LegoResNet',
                 module.load_dense(state[key], slots)
                 used.add(key)
             else:
-                dense = {t: state[f'{name}.{t}'] for t in _NORM_TENSORS
-                         if f'{name}.{t}' in state}
-                missing += [f'{name}.{t}' for t in _NORM_TENSORS[:4]
-                            if t not in dense]
+                dense = {
+                    t: state[f'{name}.{t}']
+                    for t in _NORM_TENSORS if f'{name}.{t}' in state
+                }
+                missing += [
+                    f'{name}.{t}' for t in _NORM_TENSORS[:4] if t not in dense
+                ]
                 module.load_dense(dense, slots)
                 used.update(f'{name}.{t}' for t in dense)
-        missing += [k for k in target if k not in used and not k.startswith(
-            'router.') and not k.endswith('_extra_state') and
-            k.rsplit('.', 1)[0] not in lego and
-            k.rsplit('.', 2)[0] not in lego]
+        missing += [
+            k for k in target if k not in used and not k.startswith('router.')
+            and not k.endswith('_extra_state') and k.rsplit(
+                '.', 1)[0] not in lego and k.rsplit('.', 2)[0] not in lego
+        ]
         unexpected = [k for k in state if k not in used]
     if missing:
-        print_log(f'LegoResNet: missing keys in checkpoint: {missing}',
-                  logger='current', level=30)
+        print_log(
+            f'LegoResNet: missing keys in checkpoint: {missing}',
+            logger='current',
+            level=30)
     if unexpected:
-        print_log(f'LegoResNet: unused keys in checkpoint: {unexpected}',
-                  logger='current', level=20)
+        print_log(
+            f'LegoResNet: unused keys in checkpoint: {unexpected}',
+            logger='current',
+            level=20)
 
 
 @torch.no_grad()

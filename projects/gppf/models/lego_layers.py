@@ -17,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    'route_channels', 'inflate_slots', 'LegoConv2d', 'LegoBatchNorm'
-]
+__all__ = ['route_channels', 'inflate_slots', 'LegoConv2d', 'LegoBatchNorm']
 
 
 def route_channels(indices: torch.Tensor, unit_width: int) -> torch.Tensor:
@@ -83,8 +81,9 @@ class LegoConv2d(nn.Module):
         self.dilation = dilation
         count = num_legos * num_legos if lego_out and lego_in else num_legos
         self.weight = nn.ParameterList(
-            nn.Parameter(torch.empty(out_channels, in_channels, kernel_size,
-                                     kernel_size)) for _ in range(count))
+            nn.Parameter(
+                torch.empty(out_channels, in_channels, kernel_size,
+                            kernel_size)) for _ in range(count))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,8 +126,8 @@ class LegoConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, units: Sequence[int]) -> torch.Tensor:
         """Convolve ``x`` (B, C_in, H, W) with the units of the route."""
-        return F.conv2d(x, self.gather(units), None, self.stride,
-                        self.padding, self.dilation)
+        return F.conv2d(x, self.gather(units), None, self.stride, self.padding,
+                        self.dilation)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, '

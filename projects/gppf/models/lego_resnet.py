@@ -105,9 +105,11 @@ class LegoResNet(BaseModule):
         super().__init__(init_cfg)
         for key, value in unsupported.items():
             if key not in _OFF_ARGS:
-                raise TypeError(f'LegoResNet got an unexpected argument {key!r}')
+                raise TypeError(
+                    f'LegoResNet got an unexpected argument {key!r}')
             if value not in _OFF_ARGS[key]:
-                raise ValueError(f'LegoResNet does not support {key}={value!r}')
+                raise ValueError(
+                    f'LegoResNet does not support {key}={value!r}')
         if depth not in self.arch_settings:
             raise KeyError(f'invalid depth {depth} for LegoResNet, expected '
                            f'one of {sorted(self.arch_settings)}')
@@ -115,7 +117,8 @@ class LegoResNet(BaseModule):
             raise ValueError(f'num_active must be in [1, num_legos], got '
                              f'num_active={num_active}, num_legos={num_legos}')
         if style not in ('pytorch', 'caffe'):
-            raise ValueError(f"style must be 'pytorch' or 'caffe', got {style}")
+            raise ValueError(
+                f"style must be 'pytorch' or 'caffe', got {style}")
         if not 1 <= num_stages <= 4:
             raise ValueError(f'num_stages must be in [1, 4], got {num_stages}')
         if max(out_indices) >= num_stages:
@@ -185,12 +188,17 @@ class LegoResNet(BaseModule):
         if self.deep_stem:
             half = stem_channels // 2
             layers = []
-            for i, (cin, cout) in enumerate(((in_channels, half),
-                                             (half, half),
-                                             (half, stem_channels))):
+            shapes = ((in_channels, half), (half, half), (half, stem_channels))
+            for i, (cin, cout) in enumerate(shapes):
                 layers += [
-                    build_conv_layer(self.conv_cfg, cin, cout, 3,
-                                     2 if i == 0 else 1, 1, bias=False),
+                    build_conv_layer(
+                        self.conv_cfg,
+                        cin,
+                        cout,
+                        3,
+                        2 if i == 0 else 1,
+                        1,
+                        bias=False),
                     build_norm_layer(self.norm_cfg, cout)[1],
                     nn.ReLU(inplace=True)
                 ]
@@ -216,11 +224,19 @@ class LegoResNet(BaseModule):
             if self.avg_down and stride != 1:
                 conv_stride = 1
                 layers.append(
-                    nn.AvgPool2d(stride, stride, ceil_mode=True,
-                                 count_include_pad=False))
+                    nn.AvgPool2d(
+                        stride,
+                        stride,
+                        ceil_mode=True,
+                        count_include_pad=False))
             layers += [
-                build_conv_layer(self.conv_cfg, inplanes, out_planes, 1,
-                                 conv_stride, bias=False),
+                build_conv_layer(
+                    self.conv_cfg,
+                    inplanes,
+                    out_planes,
+                    1,
+                    conv_stride,
+                    bias=False),
                 build_norm_layer(self.norm_cfg, out_planes)[1]
             ]
             downsample = nn.Sequential(*layers)
@@ -313,8 +329,10 @@ class LegoResNet(BaseModule):
         if self.frozen_stages < 0:
             return
         stem = [self.stem] if self.deep_stem else [self.conv1, self.norm1]
-        stages = [getattr(self, f'layer{i}')
-                  for i in range(1, self.frozen_stages + 1)]
+        stages = [
+            getattr(self, f'layer{i}')
+            for i in range(1, self.frozen_stages + 1)
+        ]
         for module in stem + stages:
             module.eval()
             for param in module.parameters():
@@ -338,8 +356,9 @@ class LegoResNet(BaseModule):
             state = read_state_dict(self.init_cfg['checkpoint'],
                                     self.init_cfg.get('prefix'))
             load_dense_or_lego(self, state)
-            print_log(f'LegoResNet loaded {self.init_cfg["checkpoint"]}',
-                      logger='current')
+            print_log(
+                f'LegoResNet loaded {self.init_cfg["checkpoint"]}',
+                logger='current')
         else:
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
@@ -381,7 +400,7 @@ class LegoResNet(BaseModule):
                 for k in expected.keys() | given.keys()
                 if expected.get(k) != given.get(k)
             }
-            raise ValueError(
-                'checkpoint has a different lego layout; '
-                '(expected, given): ' + ', '.join(
-                    f'{k}={v[0]!r} vs {v[1]!r}' for k, v in sorted(diff.items())))
+            raise ValueError('checkpoint has a different lego layout; '
+                             '(expected, given): ' +
+                             ', '.join(f'{k}={v[0]!r} vs {v[1]!r}'
+                                       for k, v in sorted(diff.items())))

@@ -119,8 +119,8 @@ class TaskRouter(nn.Module):
             scores = self.logits[t].detach()
             if self.training and self.noise_std > 0:
                 scores = scores + self.noise_std * self._noise(t)
-            indices = scores.topk(self.num_active, dim=1).indices.sort(
-                dim=1).values
+            indices = scores.topk(
+                self.num_active, dim=1).indices.sort(dim=1).values
         if self.training:
             self.num_calls[t] += 1
             self.routed[t] = indices
@@ -187,8 +187,7 @@ class TaskRouter(nn.Module):
         idx = torch.stack([self.routed[t] for t in ran])  # (T', L, k)
         frac = F.one_hot(idx, self.num_legos).sum(2).float().mean(0)
         frac = frac / self.num_active  # (L, N), rows sum to 1
-        prob = F.softmax(
-            self.logits[ran] / self.temperature, dim=-1).mean(0)
+        prob = F.softmax(self.logits[ran] / self.temperature, dim=-1).mean(0)
         loss = self.num_legos * (frac * prob).sum(-1).mean()
         return self.balance_weight * loss
 

@@ -37,9 +37,11 @@ def mmengine_safe_globals() -> List[object]:
     """The classes and reconstructors mmengine 0.10.7 checkpoints hold."""
     from mmengine.logging.history_buffer import HistoryBuffer
     core = getattr(np, '_core', None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (
-        np.float64, np.float32, np.float16, np.int64, np.int32, np.int16,
-        np.int8, np.uint8, np.bool_)]
+    dtypes = [
+        type(np.dtype(t))
+        for t in (np.float64, np.float32, np.float16, np.int64, np.int32,
+                  np.int16, np.int8, np.uint8, np.bool_)
+    ]
     return [
         core.multiarray._reconstruct,
         core.multiarray.scalar,
@@ -52,5 +54,6 @@ def mmengine_safe_globals() -> List[object]:
 
 def allow_mmengine_globals() -> None:
     """Add :func:`mmengine_safe_globals` to torch's weights-only allow-list."""
-    torch.serialization.add_safe_globals(
-        [*mmengine_safe_globals(), (history_buffer_getattr, 'builtins.getattr')])
+    torch.serialization.add_safe_globals([
+        *mmengine_safe_globals(), (history_buffer_getattr, 'builtins.getattr')
+    ])
