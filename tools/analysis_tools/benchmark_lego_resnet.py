@@ -21,6 +21,7 @@ import time
 from typing import Callable, Dict
 
 import torch
+from mmengine.logging import MMLogger
 
 sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -95,7 +96,7 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 def main() -> None:
     args = parse_args()
-    logging.getLogger('mmengine').setLevel(logging.WARNING)  # init logs
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init logs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -142,14 +142,15 @@ class TaskRouterHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint['task_router_hook'] = dict(warm_frozen=self._warm_frozen)
         if self.save_heatmaps and is_main_process():
+            # The iteration the checkpoint is named after (iter_<n>.pth).
+            step = checkpoint.get('meta', {}).get('iter', runner.iter)
+            out_dir = osp.join(runner.work_dir, 'route_heatmaps')
+            mkdir_or_exist(out_dir)
             for i, router in enumerate(self.routers(runner)):
                 image = render_heatmaps(router)
                 name = f'route_heatmap{i or ""}'
-                out_dir = osp.join(runner.work_dir, 'route_heatmaps')
-                mkdir_or_exist(out_dir)
-                _save_png(image,
-                          osp.join(out_dir, f'{name}_iter_{runner.iter}.png'))
-                runner.visualizer.add_image(name, image, step=runner.iter)
+                _save_png(image, osp.join(out_dir, f'{name}_iter_{step}.png'))
+                runner.visualizer.add_image(name, image, step=step)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = checkpoint.get('task_router_hook', {})
@@ -179,6 +180,7 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
         dim=-1)  # (T, L, N)
     usage = router.usage()
     num_tasks, num_layers, num_legos = probs.shape
+    vmax = max(2.0 / num_legos, float(probs.max()))  # uniform sits mid-scale
     cols = min(num_layers, 8)
     rows = math.ceil(num_layers / cols)
     fig, axes = plt.subplots(
@@ -195,7 +197,7 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
         ax.imshow(
             probs[:, layer].numpy(),
             vmin=0,
-            vmax=1,
+            vmax=vmax,
             cmap='viridis',
             aspect='auto')
         for t, task in enumerate(router.tasks):
@@ -207,7 +209,8 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
         ax.set_yticks(range(num_tasks))
         ax.set_yticklabels(
             router.tasks if layer % cols == 0 else [], fontsize=6)
-    fig.suptitle('route probability (task x unit); red: active', fontsize=8)
+    fig.suptitle(f'route probability (task x unit, colour scale 0 to '
+                 f'{vmax:.2f}); red: active', fontsize=8)
     fig.tight_layout()
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,245 @@
+"""Per-task dataloaders and evaluators of the SIMT loops.
+
+The runner and its hooks read one ``loop.dataloader``
+(``dataloader.dataset.metainfo`` for checkpoints and visualisers,
+``len(dataloader)`` for logs and schedulers, ``dataloader.sampler.set_epoch``
+for seeding). :class:`TaskLoaders` is that one object for a dict of stock
+dataloaders keyed by task; iterating it yields one batch per task.
+"""
+import copy
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+
+from mmengine.evaluator import Evaluator
+from mmengine.model import is_model_wrapper
+from mmengine.runner.loops import _InfiniteDataloaderIterator
+from torch.utils.data import DataLoader
+
+from ..models.task_config import check_task_name, scope_of, with_scope
+
+__all__ = [
+    'TaskLoaders', 'build_task_loaders', 'build_task_evaluators',
+    'model_tasks', 'task_keys'
+]
+
+
+class _TaskDatasets:
+    """``loaders.dataset``: the tasks' datasets, ``metainfo`` per task."""
+
+    def __init__(self, datasets: Mapping[str, Any]) -> None:
+        self.datasets = OrderedDict(datasets)
+
+    @property
+    def metainfo(self) -> Dict[str, Optional[dict]]:
+        return OrderedDict((task, getattr(ds, 'metainfo', None))
+                           for task, ds in self.datasets.items())
+
+    def __getitem__(self, task: str) -> Any:
+        return self.datasets[task]
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self.datasets.values())
+
+
+class _TaskSamplers:
+    """``loaders.sampler``: ``set_epoch`` reaches every task's sampler."""
+
+    def __init__(self, loaders: Mapping[str, DataLoader]) -> None:
+        self.loaders = loaders
+
+    def set_epoch(self, epoch: int) -> None:
+        for loader in self.loaders.values():
+            for sampler in (getattr(loader, 'sampler', None),
+                            getattr(getattr(loader, 'batch_sampler', None),
+                                    'sampler', None)):
+                if hasattr(sampler, 'set_epoch'):
+                    sampler.set_epoch(epoch)
+                    break
+
+
+class _TaskBatches:
+    """Endless iterator of ``{task: batch}``, one batch of every task.
+
+    Each task restarts its own loader when it runs out (``InfiniteSampler``
+    never does). Loader iterators are created on the first ``next`` so that
+    building a loop starts no worker.
+    """
+
+    def __init__(self, loaders: Mapping[str, DataLoader]) -> None:
+        self.loaders = loaders
+        self.iterators: Optional[Dict[str, _InfiniteDataloaderIterator]] = None
+
+    def __iter__(self) -> '_TaskBatches':
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        if self.iterators is None:
+            self.iterators = OrderedDict(
+                (task, _InfiniteDataloaderIterator(loader))
+                for task, loader in self.loaders.items())
+        return OrderedDict(
+            (task, next(it)) for task, it in self.iterators.items())
+
+
+class TaskLoaders:
+    """One dataloader per task, seen by the runner as one dataloader.
+
+    Args:
+        loaders (dict[str, DataLoader]): Stock dataloader per task.
+        length (str): What ``len()`` returns: ``'max'`` (training: an
+            "epoch" sees the largest dataset once) or ``'sum'`` (evaluation:
+            the batches of every task, run one task after the other).
+    """
+
+    def __init__(self,
+                 loaders: Mapping[str, DataLoader],
+                 length: str = 'max') -> None:
+        if length not in ('max', 'sum'):
+            raise ValueError(f"length must be 'max' or 'sum', got {length}")
+        self.loaders: Dict[str, DataLoader] = OrderedDict(loaders)
+        self.length = length
+        self.dataset = _TaskDatasets(
+            {task: loader.dataset
+             for task, loader in self.loaders.items()})
+        self.sampler = _TaskSamplers(self.loaders)
+
+    @property
+    def batch_size(self) -> Dict[str, Optional[int]]:
+        """Batch size per task."""
+        return {t: ld.batch_size for t, ld in self.loaders.items()}
+
+    def keys(self) -> List[str]:
+        return list(self.loaders.keys())
+
+    def items(self):
+        return self.loaders.items()
+
+    def values(self):
+        return self.loaders.values()
+
+    def __getitem__(self, task: str) -> DataLoader:
+        return self.loaders[task]
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.loaders
+
+    def __len__(self) -> int:
+        lengths = [len(loader) for loader in self.loaders.values()]
+        return max(lengths) if self.length == 'max' else sum(lengths)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        """Endless ``{task: batch}`` batches (see :class:`_TaskBatches`)."""
+        return _TaskBatches(self.loaders)
+
+
+def task_keys(cfgs: Any, where: str) -> List[str]:
+    """The task names of a per-task dict of the config, checked."""
+    if isinstance(cfgs, TaskLoaders):
+        return cfgs.keys()
+    if not isinstance(cfgs, Mapping) or not cfgs:
+        raise TypeError(f'{where} must be a non-empty dict keyed by task '
+                        f'for the SIMT loops, got {type(cfgs).__name__}')
+    looks_single = {'dataset', 'batch_size', 'sampler', 'type', 'metrics'}
+    if looks_single & set(cfgs):
+        raise TypeError(
+            f'{where} looks like a single {where.split("_")[-1]} config '
+            f'(keys {sorted(cfgs)}); the SIMT loops take a dict keyed by '
+            f'task: {where}=dict(<task>=dict(...), ...)')
+    return [check_task_name(task) for task in cfgs]
+
+
+def model_tasks(runner) -> List[str]:
+    """Task names of the runner's (possibly wrapped) multi-task model."""
+    model = runner.model.module if is_model_wrapper(
+        runner.model) else runner.model
+    names = getattr(model, 'task_names', None)
+    if names is None:
+        raise TypeError(
+            f'the SIMT loops need a multi-task model with `task_names` '
+            f'(e.g. type=\'GPPF\'), got {type(model).__name__}')
+    return list(names)
+
+
+def _reraise(err: Exception, prefix: str) -> None:
+    msg = f'{prefix}: {err.args[0] if len(err.args) == 1 else err}'
+    try:
+        new = type(err)(msg)
+    except Exception:  # exceptions with unusual constructors
+        new = RuntimeError(msg)
+    raise new from err
+
+
+def build_task_loaders(runner, cfgs: Mapping[str, Union[DataLoader, dict]],
+                       where: str) -> Dict[str, DataLoader]:
+    """Build one stock dataloader per task with ``runner.build_dataloader``.
+
+    A dataset dict whose type is prefixed (``'mmdet.CocoDataset'``) gets the
+    matching ``_scope_`` so that its pipeline resolves in its library.
+
+    Raises:
+        ValueError: A task's dataset is empty (naming the task).
+    """
+    diff_rank_seed = runner._randomness_cfg.get('diff_rank_seed', False)
+    loaders: Dict[str, DataLoader] = OrderedDict()
+    for task in task_keys(cfgs, where):
+        cfg = cfgs[task]
+        try:
+            if isinstance(cfg, Mapping):
+                cfg = copy.deepcopy(dict(cfg))
+                dataset = cfg.get('dataset')
+                if isinstance(dataset, Mapping) and scope_of(dataset):
+                    cfg['dataset'] = with_scope(dataset, '')
+                cfg = runner.build_dataloader(
+                    cfg, seed=runner.seed, diff_rank_seed=diff_rank_seed)
+        except Exception as e:
+            if 'need at least one array to concatenate' in str(e):
+                # mmengine's BaseDataset serialises an empty data list so.
+                dataset = cfgs[task].get('dataset', {})
+                raise ValueError(
+                    f'{where}[{task!r}]: the dataset is empty '
+                    f'({dataset.get("type")}, ann_file='
+                    f'{dataset.get("ann_file")!r}, data_root='
+                    f'{dataset.get("data_root")!r})') from e
+            _reraise(e, f'{where}[{task!r}]')
+        dataset = cfg.dataset
+        if len(dataset) == 0:
+            raise ValueError(
+                f'{where}[{task!r}]: the dataset is empty '
+                f'({type(dataset).__name__}, '
+                f'ann_file={getattr(dataset, "ann_file", None)!r}, '
+                f'data_root={getattr(dataset, "data_root", None)!r})')
+        loaders[task] = cfg
+    return loaders
+
+
+def build_task_evaluators(runner, cfgs: Mapping[str, Any],
+                          where: str) -> Dict[str, Evaluator]:
+    """Build one stock evaluator per task with ``runner.build_evaluator``.
+
+    Each entry is a metric dict, a list of them, ``dict(metrics=...)`` or an
+    :class:`Evaluator`; prefixed metric types get their ``_scope_``.
+
+    Raises:
+        KeyError: Unknown metric type (naming the task).
+    """
+    evaluators: Dict[str, Evaluator] = OrderedDict()
+    for task in task_keys(cfgs, where):
+        cfg = cfgs[task]
+        try:
+            evaluators[task] = runner.build_evaluator(_scope_metrics(cfg))
+        except Exception as e:
+            _reraise(e, f'{where}[{task!r}]')
+    return evaluators
+
+
+def _scope_metrics(cfg: Any) -> Any:
+    if isinstance(cfg, (list, tuple)):
+        return [_scope_metrics(c) for c in cfg]
+    if isinstance(cfg, Mapping):
+        if 'metrics' in cfg:
+            cfg = copy.deepcopy(dict(cfg))
+            cfg['metrics'] = _scope_metrics(cfg['metrics'])
+            return cfg
+        if scope_of(cfg):
+            return with_scope(cfg, '')
+    return cfg

@@ -1,0 +1,15 @@
+from .data_preprocessor import MultiTaskDataPreprocessor
+from .gppf import GPPF, SharedBackboneSlot
+from .lego_convert import (extract_task_state_dict, load_dense_or_lego,
+                           read_state_dict)
+from .lego_resnet import LegoResNet
+from .router import Route, TaskRouter
+from .task_config import check_task_sets, scope_of, with_scope
+from .task_context import current_task, use_task
+
+__all__ = [
+    'LegoResNet', 'TaskRouter', 'Route', 'use_task', 'current_task',
+    'extract_task_state_dict', 'load_dense_or_lego', 'read_state_dict',
+    'GPPF', 'SharedBackboneSlot', 'MultiTaskDataPreprocessor',
+    'check_task_sets', 'scope_of', 'with_scope'
+]
