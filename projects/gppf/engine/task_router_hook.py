@@ -209,8 +209,10 @@ def render_heatmaps(router: TaskRouter) -> np.ndarray:
         ax.set_yticks(range(num_tasks))
         ax.set_yticklabels(
             router.tasks if layer % cols == 0 else [], fontsize=6)
-    fig.suptitle(f'route probability (task x unit, colour scale 0 to '
-                 f'{vmax:.2f}); red: active', fontsize=8)
+    fig.suptitle(
+        f'route probability (task x unit, colour scale 0 to '
+        f'{vmax:.2f}); red: active',
+        fontsize=8)
     fig.tight_layout()
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
