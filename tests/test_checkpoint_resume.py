@@ -1,38 +1,21 @@
 """Runner save/resume under torch.load(weights_only=True) with a LegoResNet."""
-import importlib.util
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from _simt_common import make_demo_data
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import projects.gppf  # noqa: F401  (allow-lists mmengine's safe globals)
 from projects.gppf.utils import allow_mmengine_globals, mmengine_safe_globals
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'prepare_demo_data',
-        ROOT / 'tools' / 'dataset_converters' / 'prepare_demo_data.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope='module')
 def fmnist_cls(tmp_path_factory) -> Path:
-    pdd = _load_tool()
-    root = tmp_path_factory.mktemp('data')
-    args = pdd.parse_args(
-        ['--out', str(root), '--num-train', '32', '--num-val', '8'])
-    try:
-        pdd.prepare('fmnist_cls', root, pdd.dataset_cfg('fmnist_cls', args), 0)
-    except pdd.SourceUnavailable as e:
-        pytest.skip(f'Fashion-MNIST unavailable: {e}')
+    root = make_demo_data(
+        tmp_path_factory.mktemp('data'), dict(fmnist_cls=32), num_val=8)
     return root / 'fmnist_cls'
 
 

@@ -7,7 +7,6 @@ ImageNet), the number of classes and the schedule (1 iteration), then runs
 ``tools/train.py`` in a subprocess and checks the checkpoint and the logged
 loss. The backbone is the config's own ``LegoResNet`` (ResNet-50 layout).
 """
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _simt_common import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
@@ -25,20 +25,7 @@ FMNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        'prepare_demo_data',
-        ROOT / 'tools' / 'dataset_converters' / 'prepare_demo_data.py')
-    pdd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pdd)
-    root = tmp_path_factory.mktemp('demo')
-    args = pdd.parse_args(
-        ['--out', str(root), '--num-train', '8', '--num-val', '4'])
-    for name in ('mnist_det', 'fmnist_seg', 'fmnist_cls'):
-        try:
-            pdd.prepare(name, root, pdd.dataset_cfg(name, args), 0)
-        except pdd.SourceUnavailable as e:
-            pytest.skip(f'{name}: source unavailable: {e}')
-    return root
+    return make_demo_data(tmp_path_factory.mktemp('demo'), 8, num_val=4)
 
 
 _NO_EVAL = """

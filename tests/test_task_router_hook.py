@@ -1,32 +1,20 @@
 """TaskRouterHook: warm-up, annealing, freezing, scalars, heatmaps, state."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from _simt_common import make_demo_data
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import projects.gppf  # noqa: F401
 from projects.gppf import TaskRouterHook
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope='module')
 def fmnist_cls(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        'prepare_demo_data',
-        ROOT / 'tools' / 'dataset_converters' / 'prepare_demo_data.py')
-    pdd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pdd)
-    root = tmp_path_factory.mktemp('data')
-    args = pdd.parse_args(
-        ['--out', str(root), '--num-train', '16', '--num-val', '4'])
-    try:
-        pdd.prepare('fmnist_cls', root, pdd.dataset_cfg('fmnist_cls', args), 0)
-    except pdd.SourceUnavailable as e:
-        pytest.skip(f'Fashion-MNIST unavailable: {e}')
+    root = make_demo_data(
+        tmp_path_factory.mktemp('data'), dict(fmnist_cls=16), num_val=4)
     return root / 'fmnist_cls'
 
 
