@@ -67,6 +67,8 @@ def main(argv=None):
     from projects.gppf.engine import check_simt_cfg
     check_simt_cfg(cfg)
 
+    from projects.gppf.utils import init_dist_env
+    init_dist_env(cfg)  # gloo on CPU; mmengine's init_dist needs CUDA
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)
     else:

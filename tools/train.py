@@ -86,6 +86,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
+    from projects.gppf.utils import init_dist_env
+    init_dist_env(cfg)  # gloo on CPU; mmengine's init_dist needs CUDA
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)
     else:

@@ -3,3 +3,5 @@
 _base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
 custom_imports = dict(imports=['projects.gppf'], allow_failed_imports=False)
 model = dict(backbone=dict(type='LegoResNet'))
+# Stock DDP: the units off the route get no gradient in an iteration.
+find_unused_parameters = True

@@ -34,7 +34,8 @@ def convert(checkpoint: str,
             prefix: str = 'backbone.') -> dict:
     """Write ``task``'s sub-network of ``checkpoint`` to ``out``."""
     state = read_state_dict(checkpoint, prefix)
-    layout = state.get('_extra_state', {}).get('lego_layout')
+    from projects.gppf.models import unpack_state
+    layout = unpack_state(state.get('_extra_state', {})).get('lego_layout')
     if layout is None:
         raise ValueError(f'{checkpoint} holds no LegoResNet under prefix '
                          f'{prefix!r} (no lego_layout found)')

@@ -23,7 +23,12 @@ custom_hooks = [
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    dist_cfg=dict(backend='nccl'))
+    # Collectives give up after `timeout` seconds instead of hanging when a
+    # rank dies; tools/train.py falls back to gloo on machines without GPU.
+    dist_cfg=dict(backend='nccl', timeout=1800))
+# Distributed SIMT: gradients averaged over the ranks that produced them,
+# tasks placed by train_cfg.placement ('all' or 'split').
+model_wrapper_cfg = dict(type='SIMTDistributedWrapper')
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
     type='Visualizer', vis_backends=vis_backends, name='visualizer')

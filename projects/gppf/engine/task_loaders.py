@@ -7,8 +7,10 @@ for seeding). :class:`TaskLoaders` is that one object for a dict of stock
 dataloaders keyed by task; iterating it yields one batch per task.
 """
 import copy
+import itertools
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Union)
 
 from mmengine.evaluator import Evaluator
 from mmengine.model import is_model_wrapper
@@ -19,7 +21,7 @@ from ..models.task_config import check_task_name, scope_of, with_scope
 
 __all__ = [
     'TaskLoaders', 'build_task_loaders', 'build_task_evaluators',
-    'model_tasks', 'task_keys'
+    'model_tasks', 'task_keys', 'shard_sampler'
 ]
 
 
@@ -50,8 +52,9 @@ class _TaskSamplers:
     def set_epoch(self, epoch: int) -> None:
         for loader in self.loaders.values():
             for sampler in (getattr(loader, 'sampler', None),
-                            getattr(getattr(loader, 'batch_sampler', None),
-                                    'sampler', None)):
+                            getattr(
+                                getattr(loader, 'batch_sampler', None),
+                                'sampler', None)):
                 if hasattr(sampler, 'set_epoch'):
                     sampler.set_epoch(epoch)
                     break
@@ -61,24 +64,33 @@ class _TaskBatches:
     """Endless iterator of ``{task: batch}``, one batch of every task.
 
     Each task restarts its own loader when it runs out (``InfiniteSampler``
-    never does). Loader iterators are created on the first ``next`` so that
-    building a loop starts no worker.
+    never does). Loader iterators are created on first use, so that building
+    a loop starts no worker, and follow ``owner.loaders``: a task whose
+    loader object was replaced (a new placement) gets a new iterator, a task
+    that left is dropped. ``owner.before_batch(n)``, if set, runs before the
+    ``n``-th batch (0-based) is drawn.
     """
 
-    def __init__(self, loaders: Mapping[str, DataLoader]) -> None:
-        self.loaders = loaders
-        self.iterators: Optional[Dict[str, _InfiniteDataloaderIterator]] = None
+    def __init__(self, owner: 'TaskLoaders') -> None:
+        self.owner = owner
+        self.iterators: Dict[str, _InfiniteDataloaderIterator] = OrderedDict()
+        self.count = 0
 
     def __iter__(self) -> '_TaskBatches':
         return self
 
     def __next__(self) -> Dict[str, Any]:
-        if self.iterators is None:
-            self.iterators = OrderedDict(
-                (task, _InfiniteDataloaderIterator(loader))
-                for task, loader in self.loaders.items())
-        return OrderedDict(
-            (task, next(it)) for task, it in self.iterators.items())
+        if self.owner.before_batch is not None:
+            self.owner.before_batch(self.count)
+        self.count += 1
+        iterators = OrderedDict()
+        for task, loader in self.owner.loaders.items():
+            it = self.iterators.get(task)
+            if it is None or it._dataloader is not loader:
+                it = _InfiniteDataloaderIterator(loader)
+            iterators[task] = it
+        self.iterators = iterators
+        return OrderedDict((task, next(it)) for task, it in iterators.items())
 
 
 class TaskLoaders:
@@ -86,21 +98,36 @@ class TaskLoaders:
 
     Args:
         loaders (dict[str, DataLoader]): Stock dataloader per task.
-        length (str): What ``len()`` returns: ``'max'`` (training: an
-            "epoch" sees the largest dataset once) or ``'sum'`` (evaluation:
-            the batches of every task, run one task after the other).
+        length (str | int): What ``len()`` returns: ``'max'`` (training: an
+            "epoch" sees the largest dataset once), ``'sum'`` (evaluation:
+            the batches of every task, run one task after the other) or a
+            given number (distributed ``split`` placement: the same on every
+            rank).
     """
 
     def __init__(self,
                  loaders: Mapping[str, DataLoader],
-                 length: str = 'max') -> None:
-        if length not in ('max', 'sum'):
-            raise ValueError(f"length must be 'max' or 'sum', got {length}")
+                 length: Union[str, int] = 'max') -> None:
+        if length not in ('max', 'sum') and not isinstance(length, int):
+            raise ValueError(f"length must be 'max', 'sum' or an int, got "
+                             f'{length!r}')
         self.loaders: Dict[str, DataLoader] = OrderedDict(loaders)
         self.length = length
-        self.dataset = _TaskDatasets(
-            {task: loader.dataset
-             for task, loader in self.loaders.items()})
+        self.dataset = _TaskDatasets({
+            task: loader.dataset
+            for task, loader in self.loaders.items()
+        })
+        self.sampler = _TaskSamplers(self.loaders)
+        self.before_batch: Optional[Callable[[int], None]] = None
+
+    def set_loaders(self, loaders: Mapping[str, DataLoader]) -> None:
+        """Replace the loaders (a new placement): iteration continues with
+        a fresh iterator for every replaced or added loader."""
+        self.loaders = OrderedDict(loaders)
+        self.dataset = _TaskDatasets({
+            task: loader.dataset
+            for task, loader in self.loaders.items()
+        })
         self.sampler = _TaskSamplers(self.loaders)
 
     @property
@@ -124,12 +151,14 @@ class TaskLoaders:
         return task in self.loaders
 
     def __len__(self) -> int:
+        if isinstance(self.length, int):
+            return self.length
         lengths = [len(loader) for loader in self.loaders.values()]
         return max(lengths) if self.length == 'max' else sum(lengths)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         """Endless ``{task: batch}`` batches (see :class:`_TaskBatches`)."""
-        return _TaskBatches(self.loaders)
+        return _TaskBatches(self)
 
 
 def task_keys(cfgs: Any, where: str) -> List[str]:
@@ -158,6 +187,56 @@ def model_tasks(runner) -> List[str]:
             f'the SIMT loops need a multi-task model with `task_names` '
             f'(e.g. type=\'GPPF\'), got {type(model).__name__}')
     return list(names)
+
+
+def shard_sampler(loader: DataLoader,
+                  rank: int,
+                  world_size: int,
+                  where: str,
+                  offset: int = 0) -> None:
+    """Make ``loader`` read shard ``rank`` of ``world_size`` of its dataset.
+
+    mmengine's samplers shard over all ranks when built; under the
+    ``split`` placement a task's dataset is sharded over the ranks that run
+    the task instead. ``InfiniteSampler`` and ``DefaultSampler`` (also
+    inside a batch sampler such as mmdet's ``AspectRatioBatchSampler``) are
+    supported.
+
+    Args:
+        offset (int): ``InfiniteSampler`` only: positions of its endless
+            index stream already used (by the ranks that ran the task
+            before a new placement); this shard continues after them.
+
+    Raises:
+        TypeError: Another sampler type, or an offset for a sampler that is
+            not an ``InfiniteSampler`` (naming ``where``).
+    """
+    from mmengine.dataset import DefaultSampler, InfiniteSampler
+    batch_sampler = getattr(loader, 'batch_sampler', None)
+    sampler = getattr(batch_sampler, 'sampler', None) or loader.sampler
+    if isinstance(sampler, InfiniteSampler):
+        sampler.rank, sampler.world_size = rank, world_size
+        sampler.indices = itertools.islice(sampler._infinite_indices(),
+                                           offset + rank, None, world_size)
+    elif offset:
+        raise TypeError(f'{where}: only an InfiniteSampler can continue its '
+                        f'index stream on other ranks, got '
+                        f'{type(sampler).__name__}')
+    elif isinstance(sampler, DefaultSampler):
+        sampler.rank, sampler.world_size = rank, world_size
+        size = len(sampler.dataset)
+        if sampler.round_up:
+            sampler.num_samples = -(-size // world_size)
+            sampler.total_size = sampler.num_samples * world_size
+        else:
+            sampler.num_samples = -(-(size - rank) // world_size)
+            sampler.total_size = size
+    else:
+        raise TypeError(
+            f"{where}: placement 'split' shards each task's dataset over the "
+            'ranks that run the task and can do so for mmengine\'s '
+            f'InfiniteSampler and DefaultSampler, not '
+            f'{type(sampler).__name__}')
 
 
 def _reraise(err: Exception, prefix: str) -> None:
@@ -195,11 +274,10 @@ def build_task_loaders(runner, cfgs: Mapping[str, Union[DataLoader, dict]],
             if 'need at least one array to concatenate' in str(e):
                 # mmengine's BaseDataset serialises an empty data list so.
                 dataset = cfgs[task].get('dataset', {})
-                raise ValueError(
-                    f'{where}[{task!r}]: the dataset is empty '
-                    f'({dataset.get("type")}, ann_file='
-                    f'{dataset.get("ann_file")!r}, data_root='
-                    f'{dataset.get("data_root")!r})') from e
+                raise ValueError(f'{where}[{task!r}]: the dataset is empty '
+                                 f'({dataset.get("type")}, ann_file='
+                                 f'{dataset.get("ann_file")!r}, data_root='
+                                 f'{dataset.get("data_root")!r})') from e
             _reraise(e, f'{where}[{task!r}]')
         dataset = cfg.dataset
         if len(dataset) == 0:

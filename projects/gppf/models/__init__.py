@@ -3,13 +3,16 @@ from .gppf import GPPF, SharedBackboneSlot
 from .lego_convert import (extract_task_state_dict, load_dense_or_lego,
                            read_state_dict)
 from .lego_resnet import LegoResNet
+from .packed_state import pack_state, unpack_state
 from .router import Route, TaskRouter
+from .simt_wrapper import SIMTDistributedWrapper
 from .task_config import check_task_sets, scope_of, with_scope
 from .task_context import current_task, use_task
 
 __all__ = [
     'LegoResNet', 'TaskRouter', 'Route', 'use_task', 'current_task',
-    'extract_task_state_dict', 'load_dense_or_lego', 'read_state_dict',
-    'GPPF', 'SharedBackboneSlot', 'MultiTaskDataPreprocessor',
-    'check_task_sets', 'scope_of', 'with_scope'
+    'extract_task_state_dict', 'load_dense_or_lego', 'read_state_dict', 'GPPF',
+    'SharedBackboneSlot', 'MultiTaskDataPreprocessor', 'check_task_sets',
+    'scope_of', 'with_scope', 'SIMTDistributedWrapper', 'pack_state',
+    'unpack_state'
 ]

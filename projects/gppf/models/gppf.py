@@ -10,7 +10,7 @@ import copy
 import inspect
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -107,9 +107,10 @@ class GPPF(BaseModel):
             data_preprocessor=_preprocessor_cfg(data_preprocessor, task_cfgs),
             init_cfg=init_cfg)
         check_task_sets({
-            'model.tasks': names,
-            'model.data_preprocessor': getattr(self.data_preprocessor,
-                                               'tasks', None)
+            'model.tasks':
+            names,
+            'model.data_preprocessor':
+            getattr(self.data_preprocessor, 'tasks', None)
         })
         self.loss_weights = _loss_weights(loss_weights, names)
         self.aux_loss_weight = float(aux_loss_weight)
@@ -218,8 +219,9 @@ class GPPF(BaseModel):
         return self(inputs, data_samples, mode='predict', task=task)
 
     def parse_losses(
-        self, losses: Mapping[str, Any]
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        self,
+        losses: Mapping[str,
+                        Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """mmengine's loss parsing with per-task weights.
 
         Keys are ``<task>/<name>``. As in :meth:`BaseModel.parse_losses`,
@@ -301,12 +303,17 @@ class GPPF(BaseModel):
         self.finish_step(optim_wrapper)
         return OrderedDict([('loss', total)] + list(log_vars.items()))
 
-    def task_backward(self, task: str, data: Any,
-                      optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+    def task_backward(self,
+                      task: str,
+                      data: Any,
+                      optim_wrapper: OptimWrapper,
+                      grad_scale: float = 1.0) -> Dict[str, torch.Tensor]:
         """Preprocess, forward, weigh and backward one task's batch.
 
         Gradients accumulate in ``.grad``; the optimizer does not step (see
-        :meth:`finish_step`). Returns the task's detached log variables:
+        :meth:`finish_step`). ``grad_scale`` multiplies the loss before the
+        backward only (a distributed wrapper passes ``1 / ranks running the
+        task``). Returns the task's detached, unscaled log variables:
         ``loss`` (its weighted loss), ``<task>/<name>``, ``<task>/time``.
         """
         task = self._task(task)
@@ -318,7 +325,7 @@ class GPPF(BaseModel):
         del batch
         loss, log_vars = self.parse_losses(losses)
         del losses
-        _backward_within_step(optim_wrapper, loss)
+        _backward_within_step(optim_wrapper, loss * grad_scale)
         del loss
         if self.sync_task_time and torch.cuda.is_available() and (
                 self.data_preprocessor.device.type == 'cuda'):
@@ -327,23 +334,33 @@ class GPPF(BaseModel):
         out[f'{task}/time'] = torch.tensor(time.perf_counter() - start)
         return out
 
-    def aux_backward(
-            self, optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+    def aux_backward(self,
+                     optim_wrapper: OptimWrapper,
+                     grad_scale: float = 1.0) -> Dict[str, torch.Tensor]:
         """Backward the backbone's auxiliary loss of the tasks run since the
-        last call (no-op for a backbone without ``aux_loss``)."""
+        last call (no-op for a backbone without ``aux_loss``); the loss is
+        multiplied by ``grad_scale`` for the backward only."""
         aux = self.aux_loss()
         if aux is None:
             return {}
         if aux.requires_grad:
-            _backward_within_step(optim_wrapper, aux)
+            _backward_within_step(optim_wrapper, aux * grad_scale)
         aux = aux.detach()
         return OrderedDict(loss=aux, **{'router/loss_aux': aux})
 
-    def finish_step(self, optim_wrapper: OptimWrapper) -> None:
+    def finish_step(self,
+                    optim_wrapper: OptimWrapper,
+                    before_step: Optional[Callable[[], None]] = None) -> None:
         """Count the iteration and step/zero the optimizer when
-        ``update_params`` would (every ``accumulative_counts`` iterations)."""
+        ``update_params`` would (every ``accumulative_counts`` iterations).
+
+        ``before_step`` runs right before the step (a distributed wrapper
+        synchronises the gradients there, before clipping and unscaling).
+        """
         optim_wrapper._inner_count += 1
         if optim_wrapper.should_update():
+            if before_step is not None:
+                before_step()
             optim_wrapper.step()
             optim_wrapper.zero_grad()
 

@@ -7,7 +7,7 @@ its ``num_legos`` units. With the default shape (``num_active=2``) a task's
 active width equals the stock ResNet's, so its sub-network *is* a stock ResNet
 (see :mod:`projects.gppf.models.lego_convert`) and costs what it costs.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .lego_blocks import LegoBasicBlock, LegoBottleneck
 from .lego_convert import load_dense_or_lego, read_state_dict
 from .lego_layers import LegoBatchNorm, LegoConv2d, route_channels
+from .packed_state import pack_state, unpack_state
 from .router import TaskRouter
 from .task_context import current_task
 
@@ -388,11 +389,11 @@ class LegoResNet(BaseModule):
             num_active=self.num_active,
             tasks=list(self.tasks))
 
-    def get_extra_state(self) -> dict:
-        return dict(lego_layout=self.lego_layout())
+    def get_extra_state(self) -> torch.Tensor:
+        return pack_state(dict(lego_layout=self.lego_layout()))
 
-    def set_extra_state(self, state: dict) -> None:
-        given = state.get('lego_layout')
+    def set_extra_state(self, state: Union[torch.Tensor, dict]) -> None:
+        given = unpack_state(state).get('lego_layout')
         expected = self.lego_layout()
         if given is not None and given != expected:
             diff = {

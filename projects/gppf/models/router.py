@@ -4,11 +4,13 @@ One routing decision per task per forward pass, shared by every sample of that
 task's batch, made for all lego layers at once (one ``topk`` over a
 ``(num_layers, num_legos)`` score table). Plain torch; no registry.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .packed_state import pack_state, unpack_state
 
 __all__ = ['Route', 'TaskRouter']
 
@@ -195,6 +197,36 @@ class TaskRouter(nn.Module):
         """Forget which tasks ran (called after each optimizer step)."""
         self.routed.clear()
 
+    def step_state(self) -> torch.Tensor:
+        """This rank's routing in the current step, for a MAX all-reduce.
+
+        Returns:
+            Tensor: int64 ``(T * L * k + T, )``: each task's routed indices
+            (``-1`` where the task did not run) then the call counts.
+        """
+        device = self.logits.device
+        routed = torch.full(
+            (len(self.tasks), self.num_layers, self.num_active),
+            -1,
+            dtype=torch.long,
+            device=device)
+        for t, indices in self.routed.items():
+            routed[t] = indices
+        counts = torch.tensor(self.num_calls, dtype=torch.long, device=device)
+        return torch.cat([routed.view(-1), counts])
+
+    def load_step_state(self, state: torch.Tensor) -> None:
+        """Adopt the MAX over ranks of :meth:`step_state`: the routes of
+        every task any rank ran (for :meth:`aux_loss`) and the call counts
+        (ranks that run a task draw the same noise, so the counts of the
+        ranks that ran it are equal and the maximum)."""
+        n = len(self.tasks) * self.num_layers * self.num_active
+        routed = state[:n].view(
+            len(self.tasks), self.num_layers, self.num_active)
+        ran = (routed[:, 0, 0] >= 0).tolist()
+        self.routed = {t: routed[t] for t, r in enumerate(ran) if r}
+        self.num_calls = [int(c) for c in state[n:].tolist()]
+
     def usage(self) -> Dict[str, torch.Tensor]:
         """Per task, a ``(L, N)`` 0/1 map of its noise-free route."""
         out = {}
@@ -203,15 +235,17 @@ class TaskRouter(nn.Module):
             out[task] = F.one_hot(idx, self.num_legos).sum(1).float()
         return out
 
-    def get_extra_state(self) -> dict:
-        return dict(
-            tasks=list(self.tasks),
-            frozen=list(self.frozen),
-            num_calls=list(self.num_calls),
-            temperature=self.temperature,
-            noise_std=self.noise_std)
+    def get_extra_state(self) -> torch.Tensor:
+        return pack_state(
+            dict(
+                tasks=list(self.tasks),
+                frozen=list(self.frozen),
+                num_calls=list(self.num_calls),
+                temperature=self.temperature,
+                noise_std=self.noise_std))
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: Union[torch.Tensor, dict]) -> None:
+        state = unpack_state(state)
         if list(state['tasks']) != self.tasks:
             raise ValueError(
                 f'checkpoint router routes tasks {list(state["tasks"])}, '

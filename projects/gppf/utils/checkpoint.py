@@ -27,7 +27,12 @@ __all__ = [
 def history_buffer_getattr(obj: Any, name: str) -> Any:
     """``getattr`` restricted to ``HistoryBuffer``'s statistics methods."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+
+    # The defaults are registered on the first HistoryBuffer() only; a
+    # fresh process loading a checkpoint may not have made one yet.
+    allowed = set(
+        HistoryBuffer._statistics_methods) | {'min', 'max', 'current', 'mean'}
+    if obj is HistoryBuffer and name in allowed:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'refused getattr({obj!r}, {name!r}) in a weights-only checkpoint')

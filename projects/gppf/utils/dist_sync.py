@@ -1,0 +1,227 @@
+"""Collectives of distributed SIMT: partial gradients, norm statistics,
+process-group scoping.
+
+Every function here is called by every rank of the group in the same order
+with tensors of the same shapes, whatever tasks or lego units a rank ran:
+which tensors take part is agreed first with a small all-reduce, so no
+collective can wait for a rank that has nothing to send.
+"""
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed import ProcessGroup
+from torch.distributed.distributed_c10d import _world
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    'all_reduce_coalesced', 'broadcast_coalesced', 'sync_partial_grads',
+    'NormStatsSync', 'default_group'
+]
+
+
+def _buckets(tensors: Sequence[torch.Tensor],
+             bucket_bytes: int) -> Iterator[List[int]]:
+    """Indices of ``tensors`` grouped by (dtype, device), at most
+    ``bucket_bytes`` per group (a larger tensor gets its own)."""
+    groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for indices in groups.values():
+        bucket: List[int] = []
+        size = 0
+        for i in indices:
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(i)
+            size += nbytes
+        if bucket:
+            yield bucket
+
+
+def all_reduce_coalesced(tensors: Sequence[torch.Tensor],
+                         op: dist.ReduceOp = dist.ReduceOp.SUM,
+                         group: Optional[ProcessGroup] = None,
+                         bucket_bytes: int = 25 * 2**20) -> int:
+    """All-reduce ``tensors`` in place, one flat buffer per bucket.
+
+    Returns:
+        int: Bytes this rank sent into the reductions.
+    """
+    sent = 0
+    for bucket in _buckets(tensors, bucket_bytes):
+        parts = [tensors[i] for i in bucket]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        dist.all_reduce(flat, op=op, group=group)
+        sent += flat.numel() * flat.element_size()
+        for part, new in zip(parts, flat.split([p.numel() for p in parts])):
+            part.copy_(new.view_as(part))
+    return sent
+
+
+def broadcast_coalesced(tensors: Sequence[torch.Tensor],
+                        src: int = 0,
+                        group: Optional[ProcessGroup] = None,
+                        bucket_bytes: int = 25 * 2**20) -> None:
+    """Broadcast ``tensors`` from global rank ``src`` in place."""
+    for bucket in _buckets(tensors, bucket_bytes):
+        parts = [tensors[i] for i in bucket]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        dist.broadcast(flat, src=src, group=group)
+        for part, new in zip(parts, flat.split([p.numel() for p in parts])):
+            part.copy_(new.view_as(part))
+
+
+def sync_partial_grads(params: Sequence[nn.Parameter],
+                       group: Optional[ProcessGroup] = None,
+                       bucket_bytes: int = 25 * 2**20) -> Dict[str, int]:
+    """Sum each parameter's gradient over the ranks that produced one.
+
+    1. One all-reduce of a 0/1 flag per parameter counts its producers.
+    2. Parameters no rank produced keep ``grad=None`` on every rank (the
+       optimizer skips them everywhere: no weight decay, no momentum step).
+    3. The others get a zero gradient where missing and are summed in
+       coalesced buckets, so every rank ends with the same gradient.
+
+    The caller scales each loss by ``1 / (ranks that computed it)`` before
+    the backward, so the sum is the gradient of the objective over the
+    union of the ranks' data.
+
+    Returns:
+        dict: ``params`` (synchronised), ``bytes`` (sent by this rank).
+    """
+    if not params:
+        return dict(params=0, bytes=0)
+    device = params[0].device
+    flags = torch.tensor([p.grad is not None for p in params],
+                         dtype=torch.int32,
+                         device=device)
+    dist.all_reduce(flags, group=group)
+    used = [p for p, n in zip(params, flags.tolist()) if n > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sent = all_reduce_coalesced([p.grad for p in used],
+                                group=group,
+                                bucket_bytes=bucket_bytes)
+    return dict(params=len(used), bytes=sent + flags.numel() * 4)
+
+
+class NormStatsSync:
+    """Averages batch-norm running statistics over the ranks that updated
+    them since the last call.
+
+    Forward pre-hooks record, per norm, which channels ran in training
+    mode on this rank: all of a stock ``_BatchNorm`` (stem, downsample and
+    head norms), the route's channels of a lego norm. :meth:`sync` then
+    replaces each running mean/var element by its mean over the ranks that
+    updated it and leaves the others (identical on every rank) alone;
+    ``num_batches_tracked`` takes the maximum. With equal per-rank batches
+    the averaged running mean equals the single-process momentum update
+    with the global batch mean; the running variance misses the
+    between-rank spread of the means (``sync_bn='torch'`` avoids that for
+    stock norms under the ``'all'`` placement).
+
+    Args:
+        module (nn.Module): The model whose norms to track.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        from ..models.lego_layers import LegoBatchNorm
+        self.norms: List[nn.Module] = []
+        self.masks: Dict[int, Optional[torch.Tensor]] = {}
+        for m in module.modules():
+            lego = isinstance(m, LegoBatchNorm)
+            stock = isinstance(m, _BatchNorm) and m.running_mean is not None
+            if lego or stock:
+                self.norms.append(m)
+                self.masks[id(m)] = None
+                m.register_forward_pre_hook(
+                    self._lego_hook if lego else self._stock_hook)
+
+    def _stock_hook(self, m: nn.Module, args: tuple) -> None:
+        if m.training:
+            self.masks[id(m)] = torch.ones_like(m.running_mean)
+
+    def _lego_hook(self, m: nn.Module, args: tuple) -> None:
+        if m.training:
+            mask = self.masks[id(m)]
+            if mask is None:
+                mask = self.masks[id(m)] = torch.zeros_like(m.running_mean)
+            mask.index_fill_(0, args[2], 1.0)
+
+    def sync(self, group: Optional[ProcessGroup] = None) -> int:
+        """Average the statistics updated since the last call.
+
+        Returns:
+            int: Bytes this rank sent.
+        """
+        if not self.norms:
+            return 0
+        values, masks = [], []
+        for m in self.norms:
+            mask = self.masks[id(m)]
+            if mask is None:
+                mask = torch.zeros_like(m.running_mean)
+            for stat in (m.running_mean, m.running_var):
+                values.append(stat.float() * mask)
+                masks.append(mask.float())
+        n = sum(v.numel() for v in values)
+        flat = torch.cat(values + masks)
+        dist.all_reduce(flat, group=group)
+        total, count = flat[:n], flat[n:]
+        avg = torch.where(count > 0, total / count.clamp(min=1), total)
+        offset = 0
+        for m in self.norms:
+            for stat in (m.running_mean, m.running_var):
+                k = stat.numel()
+                part = slice(offset, offset + k)
+                stat.copy_(
+                    torch.where(count[part] > 0, avg[part].view_as(stat),
+                                stat))
+                offset += k
+            self.masks[id(m)] = None
+        tracked = torch.stack([m.num_batches_tracked for m in self.norms])
+        dist.all_reduce(tracked, op=dist.ReduceOp.MAX, group=group)
+        for m, value in zip(self.norms, tracked):
+            m.num_batches_tracked.copy_(value)
+        return (flat.numel() * flat.element_size() +
+                tracked.numel() * tracked.element_size())
+
+
+@contextmanager
+def default_group(group: Optional[ProcessGroup]) -> Iterator[None]:
+    """Make ``group`` the default process group inside the block.
+
+    A task that runs on a subset of the ranks (``split`` placement) runs
+    its stock model in this block, so the collectives that stock heads and
+    norms issue on the default group (mmdet's ``reduce_mean`` of the
+    positive count, ``SyncBatchNorm``) reach exactly the ranks that run the
+    task instead of waiting forever for the others. ``None`` leaves the
+    default group as it is. Uses torch's documented override point
+    ``distributed_c10d._world.default_pg``.
+    """
+    if group is None:
+        yield
+        return
+    previous = _world.default_pg
+    _world.default_pg = group
+    try:
+        yield
+    finally:
+        _world.default_pg = previous
+
+
+def params_requiring_grad(module: nn.Module) -> List[nn.Parameter]:
+    """The module's trainable parameters, in registration order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def tensors_of(module: nn.Module) -> Iterable[torch.Tensor]:
+    """Parameters and buffers (every rank starts from rank 0's)."""
+    yield from (p.data for p in module.parameters())
+    yield from module.buffers()

@@ -1,0 +1,76 @@
+"""Task placement over ranks: plans, errors, the measured-cost report."""
+import pytest
+
+from projects.gppf.engine.task_placement import (lpt_plan, placement_report,
+                                                 plan_placement, rank_loads,
+                                                 ranks_of)
+
+TASKS = ['det', 'seg', 'cls', 'cls21k']
+
+
+def test_all_runs_every_task_on_every_rank():
+    assert plan_placement('all', TASKS, 3) == [TASKS] * 3
+
+
+def test_split_packs_by_cost_longest_first():
+    costs = dict(det=5.0, seg=4.0, cls=3.0, cls21k=3.0)
+    plan = plan_placement(dict(type='split', costs=costs), TASKS, 2)
+    # det -> 0, seg -> 1, cls -> 1 (4 < 5), cls21k -> 0 (5 < 7): 8 vs 7.
+    assert plan == [['det', 'cls21k'], ['seg', 'cls']]
+    assert rank_loads(plan, costs) == [8.0, 7.0]
+    assert ranks_of(plan) == dict(det=[0], cls21k=[0], seg=[1], cls=[1])
+    # Equal costs (no costs given): round robin in name order.
+    assert plan_placement('split', TASKS, 2) == [['det', 'cls'],
+                                                 ['seg', 'cls21k']]
+    assert plan_placement('split', TASKS, 1) == [TASKS]
+
+
+def test_lpt_is_within_four_thirds_of_the_best_makespan():
+    # The classic LPT worst case for 2 machines: 3,3,2,2,2 -> 7 vs best 6.
+    costs = {f't{i}': c for i, c in enumerate([3, 3, 2, 2, 2])}
+    plan = lpt_plan(costs, 2)
+    assert max(rank_loads(plan, costs)) == 7 <= 4 / 3 * 6
+
+
+def test_explicit_assignment_may_replicate_tasks():
+    plan = plan_placement(
+        dict(
+            type='split',
+            assignment=[['det'], ['det'], ['seg', 'cls'], ['cls21k']]), TASKS,
+        4)
+    assert ranks_of(plan)['det'] == [0, 1]
+
+
+@pytest.mark.parametrize('placement,world,match', [
+    ('split', 5, 'would leave ranks idle'),
+    ('ring', 2, "must be 'all' or 'split'"),
+    (dict(type='split', costs=dict(det=1)), 2, 'missing'),
+    (dict(type='split', costs=dict(det=1, seg=1, cls=0,
+                                   cls21k=1)), 2, 'must be > 0'),
+    (dict(type='split', assignment=[['det', 'seg', 'cls'], []
+                                    ]), 2, 'leaves rank 1 without a task'),
+    (dict(type='split', assignment=[['det', 'seg'], ['cls']
+                                    ]), 2, r"runs no rank on \['cls21k'\]"),
+    (dict(type='split', assignment=[['det', 'sge'], ['cls', 'cls21k']
+                                    ]), 2, 'unknown or repeated'),
+    (dict(type='split', assignment=[TASKS]), 2, '1 entries for 2 ranks'),
+    (dict(type='split', speed=1), 2, 'unknown placement keys'),
+])
+def test_bad_placements_are_named(placement, world, match):
+    with pytest.raises(ValueError, match=match):
+        plan_placement(placement, TASKS, world)
+
+
+def test_report_flags_idle_ranks_and_proposes_a_faster_plan():
+    plan = [['det', 'seg'], ['cls', 'cls21k']]  # planned with equal costs
+    measured = dict(det=4.0, seg=4.0, cls=1.0, cls21k=1.0)
+    report = placement_report(plan, measured)
+    assert report['loads'] == [8.0, 2.0]
+    assert report['idle'] == [1]
+    assert 'idle 75%' in report['text']
+    assert max(rank_loads(report['better'], measured)) == 5.0
+    # No proposal when the user fixed the assignment or the gain is small.
+    assert placement_report(plan, measured, can_replan=False)['better'] is None
+    balanced = dict(det=1.0, seg=1.0, cls=1.0, cls21k=1.05)
+    report = placement_report(plan, balanced)
+    assert report['better'] is None and report['idle'] == []
