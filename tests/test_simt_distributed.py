@@ -418,19 +418,17 @@ def test_runner_trains_resumes_and_validates_on_two_ranks(
 
 
 def _replan_worker(rank, world_size, root, work_dir, out_dir):
-    # Wrong configured costs: cls alone on rank 0, det and seg on rank 1.
-    placement = dict(
-        type='split',
-        costs=dict(fmnist_cls=100, mnist_det=1, fmnist_seg=1),
-        report_interval=2)
+    # Equal costs (the default): det and cls on rank 0, seg on rank 1.
+    placement = dict(type='split', report_interval=2, min_gain=0.0)
     runs = _full_part_resumed(root, work_dir, placement, 6, 4, 'replan')
     torch.save(runs, Path(out_dir) / f'replan{rank}.pt')
 
 
 def test_replanning_moves_tasks_continues_their_data_and_resumes(
         tmp_path_factory, tmp_path):
-    """Configured costs that put cls alone on a rank: a report of the
-    measured times re-plans (det alone); moved tasks continue their
+    """Equal costs put det and cls on rank 0: a report of the measured times
+    re-plans (det alone; rank 0 only drops a task, rank 1 gains one); moved
+    tasks continue their
     index streams (no sample drawn twice within the epoch); a run resumed
     at iteration 4 replays the plan history and logs the same losses."""
     root = make_demo_data(tmp_path_factory.mktemp('gppf_replan'), 24)
@@ -442,7 +440,7 @@ def test_replanning_moves_tasks_continues_their_data_and_resumes(
         err_dir=str(tmp_path / 'errors'))
     runs = [torch.load(tmp_path / f'replan{r}.pt') for r in range(2)]
     full = runs[0]['full']
-    first = [['fmnist_cls'], ['mnist_det', 'fmnist_seg']]
+    first = [['mnist_det', 'fmnist_cls'], ['fmnist_seg']]
     assert full['history'][0] == (0, first)
     # Re-planned at a report (every 2 iterations; the first iteration's
     # warm-up may hide the imbalance in the first window).

@@ -206,10 +206,9 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             for t in mine if offsets is not None and t in current
             and ranks[t] == self.task_ranks.get(t)
         }
-        built = build_task_loaders(
-            self._runner,
-            {t: self.loader_cfgs[t]
-             for t in mine if t not in keep}, 'train_dataloader')
+        todo = {t: self.loader_cfgs[t] for t in mine if t not in keep}
+        built = build_task_loaders(self._runner, todo,
+                                   'train_dataloader') if todo else {}
         for task, loader in built.items():
             if len(ranks[task]) != world_size or offsets:
                 shard_sampler(
