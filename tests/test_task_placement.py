@@ -1,7 +1,11 @@
-"""Task placement over ranks: plans, errors, the measured-cost report."""
+"""Task placement over ranks: plans, errors, the measured-cost report,
+continuing a moved task's index stream."""
+import itertools
+
 import pytest
 
-from projects.gppf.engine.task_placement import (lpt_plan, placement_report,
+from projects.gppf.engine.task_placement import (consumed_samples, lpt_plan,
+                                                 placement_report,
                                                  plan_placement, rank_loads,
                                                  ranks_of)
 
@@ -74,3 +78,44 @@ def test_report_flags_idle_ranks_and_proposes_a_faster_plan():
     balanced = dict(det=1.0, seg=1.0, cls=1.0, cls21k=1.05)
     report = placement_report(plan, balanced)
     assert report['better'] is None and report['idle'] == []
+
+
+def test_consumed_samples_follows_the_plan_history():
+    history = [(0, [['det', 'cls'], ['seg']]), (3, [['det'], ['seg', 'cls']]),
+               (5, [['det'], ['det']])]  # a task may run on every rank
+    sizes = dict(det=2, seg=4, cls=8)
+    assert consumed_samples(history, 0, sizes) == dict(det=0, seg=0, cls=0)
+    # 3 iterations of the first plan, 2 of the second, 1 of the third.
+    assert consumed_samples(history, 6, sizes) == dict(
+        det=3 * 2 + 2 * 2 + 1 * 2 * 2, seg=5 * 4, cls=5 * 8)
+
+
+def test_moved_task_continues_its_index_stream():
+    """Shard r of n with an offset reads the stream positions after it,
+    so the ranks that take a task over draw what nobody drew yet."""
+    from mmengine.dataset import InfiniteSampler
+    from torch.utils.data import DataLoader
+
+    from projects.gppf.engine.task_loaders import shard_sampler
+
+    data = list(range(20))
+    stream = list(itertools.islice(iter(InfiniteSampler(data, seed=3)), 40))
+
+    def loader():
+        return DataLoader(data, batch_size=2,
+                          sampler=InfiniteSampler(data, seed=3))
+
+    # Rank 0 alone drew 3 batches (6 positions); then 2 ranks take over.
+    first = loader()
+    shard_sampler(first, 0, 1, 'x')
+    drawn = [i for _, b in zip(range(3), first) for i in b.tolist()]
+    after = []
+    for rank in range(2):
+        ld = loader()
+        shard_sampler(ld, rank, 2, 'x', offset=6)
+        after.append([i for _, b in zip(range(2), ld) for i in b.tolist()])
+    assert drawn == stream[:6]
+    assert after[0] == stream[6:14:2] and after[1] == stream[7:14:2]
+    assert sorted(drawn + after[0] + after[1]) == sorted(stream[:14])
+    with pytest.raises(TypeError, match='only an InfiniteSampler'):
+        shard_sampler(DataLoader(data, batch_size=2), 0, 1, 'x', offset=2)

@@ -1,5 +1,6 @@
-from .simt_loops import (SIMTTestLoop, SIMTTrainLoop, SIMTValLoop,
-                         check_simt_cfg, metrics_table)
+from .simt_loops import (SIMTTestLoop, SIMTValLoop, check_simt_cfg,
+                         metrics_table)
+from .simt_train_loop import SIMTTrainLoop
 from .task_loaders import TaskLoaders
 from .task_router_hook import TaskRouterHook
 

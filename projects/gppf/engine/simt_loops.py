@@ -1,303 +1,31 @@
-"""SIMT (Single Iteration, Multiple Tasks) train, val and test loops.
+"""SIMT val and test loops, and the check of a SIMT config.
 
-``train_dataloader``, ``val_dataloader``/``val_evaluator`` and
-``test_dataloader``/``test_evaluator`` are dicts keyed by task; each entry is
-a stock dataloader / metric config of the task's own library. Example::
+``val_dataloader``/``val_evaluator`` and ``test_dataloader``/
+``test_evaluator`` are dicts keyed by task; each entry is a stock
+dataloader / metric config of the task's own library. Example::
 
-    train_cfg = dict(type='SIMTTrainLoop', max_iters=90000,
-                     val_interval=5000)
     val_cfg = dict(type='SIMTValLoop')
     test_cfg = dict(type='SIMTTestLoop')
 
-Every training iteration draws one batch per task and hands the dict to
-``model.train_step`` (:meth:`GPPF.train_step`: per-task forward and backward,
-then one optimizer step). Evaluation runs task after task, each with its own
-evaluator, and reports metrics as ``<task>/<metric>``.
+Evaluation runs task after task, each with its own evaluator, and reports
+metrics as ``<task>/<metric>``. The train loop is in :mod:`.simt_train_loop`.
 """
-import logging
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
-from mmengine.dist import all_reduce as all_reduce_op
-from mmengine.dist import get_dist_info
 from mmengine.evaluator import Evaluator
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.registry import LOOPS
 from mmengine.runner.amp import autocast
 from mmengine.runner.base_loop import BaseLoop
-from mmengine.runner.loops import IterBasedTrainLoop
 
-from ..models.simt_wrapper import SIMTDistributedWrapper
 from ..models.task_config import check_task_sets
 from ..models.task_context import use_task
 from .task_loaders import (TaskLoaders, build_task_evaluators,
-                           build_task_loaders, model_tasks, shard_sampler,
-                           task_keys)
-from .task_placement import (consumed_samples, format_plan, placement_report,
-                             plan_placement, rank_loads, ranks_of)
+                           build_task_loaders, model_tasks, task_keys)
 
-__all__ = [
-    'SIMTTrainLoop', 'SIMTValLoop', 'SIMTTestLoop', 'metrics_table',
-    'check_simt_cfg'
-]
-
-
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    """MAX over ranks (mmengine moves the tensor to the backend's
-    device)."""
-    all_reduce_op(value, op='max')
-    return value
-
-
-def _check_wrapper(model: Any) -> None:
-    """Refuse stock wrappers whose ``train_step`` bypasses SIMT's."""
-    if not is_model_wrapper(model):
-        return
-    train_step = getattr(type(model), 'train_step', None)
-    if getattr(train_step, '__module__', '').startswith('mmengine.'):
-        raise TypeError(
-            f'SIMTTrainLoop: the model is wrapped by {type(model).__name__}, '
-            'whose train_step runs one forward and one backward and '
-            'bypasses GPPF.train_step (per-task backward); plain DDP would '
-            'also average gradients over ranks that did not produce them. '
-            "Use model_wrapper_cfg=dict(type='SIMTDistributedWrapper')")
-
-
-@LOOPS.register_module()
-class SIMTTrainLoop(IterBasedTrainLoop):
-    """Iteration-based loop: every iteration trains every task once.
-
-    It is mmengine's :class:`IterBasedTrainLoop` over a
-    :class:`TaskLoaders`, so the runner protocol (``iter``, ``max_iters``,
-    ``stop_training``, hooks, validation interval, ``dynamic_intervals``) is
-    the stock one. ``outputs`` of ``after_train_iter`` carry ``loss``,
-    ``<task>/<loss name>`` and ``<task>/time``. On resume at iteration ``k``
-    the first ``k`` batches of every task are drawn again and dropped, in the
-    order of the original run (and under the placements it used), so every
-    loader (and the pipelines' random state, with ``num_workers=0``)
-    continues where it stopped.
-
-    Distributed (:class:`SIMTDistributedWrapper`), ``placement`` decides
-    which ranks run which task (:mod:`.task_placement`); each task's dataset
-    is sharded over the ranks that run it.
-
-    Args:
-        runner (Runner): The runner.
-        dataloader (dict[str, dict | DataLoader]): One stock dataloader
-            config per task (own batch size, ``InfiniteSampler``, pipeline,
-            dataset in its library's scope).
-        max_iters (int): Total iterations.
-        val_begin (int): First iteration that may validate. Default: 1.
-        val_interval (int): Validation interval. Default: 1000.
-        dynamic_intervals (list[tuple[int, int]], optional): As in
-            :class:`IterBasedTrainLoop`.
-        placement (str | dict): ``'all'`` (default), ``'split'`` or
-            ``dict(type='split', costs=dict(<task>=<cost>), replan=True,
-            min_gain=0.1, report_interval=50)`` or ``dict(type='split',
-            assignment=[[<tasks of rank 0>], ...])``. Ignored on one
-            process.
-    """
-
-    def __init__(self,
-                 runner,
-                 dataloader: Mapping[str, Any],
-                 max_iters: int,
-                 val_begin: int = 1,
-                 val_interval: int = 1000,
-                 dynamic_intervals: Optional[List[Tuple[int, int]]] = None,
-                 placement: Union[str, Mapping] = 'all') -> None:
-        tasks = model_tasks(runner)
-        check_task_sets({
-            'model.tasks':
-            tasks,
-            'train_dataloader':
-            task_keys(dataloader, 'train_dataloader')
-        })
-        _check_wrapper(runner.model)
-        self._runner = runner
-        self.loader_cfgs = dataloader
-        self.rank, world_size = get_dist_info()
-        opts = dict(placement) if isinstance(placement, Mapping) else {}
-        self.plan = plan_placement(placement, tasks, world_size)
-        self.task_ranks = ranks_of(self.plan)
-        self.history: List[Tuple[int, List[List[str]]]] = [(0, self.plan)]
-        self.report_interval = int(opts.get('report_interval', 50))
-        self.replan = bool(opts.get(
-            'replan', True)) and (opts.get('assignment')
-                                  is None) and world_size <= len(tasks)
-        self.min_gain = float(opts.get('min_gain', 0.1))
-        split = any(len(r) < world_size for r in self.task_ranks.values())
-        if world_size > 1:
-            if not isinstance(runner.model, SIMTDistributedWrapper):
-                raise TypeError(
-                    f'SIMTTrainLoop on {world_size} ranks needs '
-                    "model_wrapper_cfg=dict(type='SIMTDistributedWrapper'), "
-                    f'got {type(runner.model).__name__}')
-            runner.model.set_task_ranks(self.task_ranks)
-            print_log(
-                f'SIMT placement over {world_size} ranks:\n' +
-                format_plan(self.plan),
-                logger='current')
-        if split and self.replan:
-            self._check_replannable()
-        loaders = self._build_loaders(self.plan, offsets=None)
-        for task, loader in loaders.items():
-            sampler = getattr(loader.batch_sampler, 'sampler', loader.sampler)
-            if not type(sampler).__name__.startswith('Infinite'):
-                print_log(
-                    f"train_dataloader['{task}'] uses "
-                    f'{type(sampler).__name__}; InfiniteSampler avoids '
-                    'restarting the loader at the end of every epoch',
-                    logger='current',
-                    level=logging.WARNING)
-        length: Union[str, int] = 'max'
-        if world_size > 1:  # the same "epoch" length on every rank
-            local = torch.tensor(max(len(ld) for ld in loaders.values()))
-            length = int(all_reduce_max(local))
-        task_loaders = TaskLoaders(loaders, length=length)
-        super().__init__(
-            runner,
-            task_loaders,
-            max_iters,
-            val_begin=val_begin,
-            val_interval=val_interval,
-            dynamic_intervals=dynamic_intervals)
-        self._live_from = 0
-        if split:
-            task_loaders.before_batch = self._follow_history
-
-    @property
-    def tasks(self) -> List[str]:
-        """Task names this rank runs, in the order each iteration runs
-        them."""
-        return self.dataloader.keys()
-
-    # ------------------------------------------------------------ placement
-    def _check_replannable(self) -> None:
-        """Re-planning continues index streams: InfiniteSampler only."""
-        for task, cfg in self.loader_cfgs.items():
-            if not isinstance(cfg, Mapping):
-                continue
-            sampler = (cfg.get('sampler') or {}).get('type', '')
-            if isinstance(sampler, str) and sampler.split('.')[-1] not in (
-                    'InfiniteSampler', ''):
-                raise ValueError(
-                    f"train_cfg.placement: replan=True moves tasks between "
-                    f"ranks and needs an InfiniteSampler; "
-                    f"train_dataloader['{task}'] uses {sampler}. Set "
-                    'replan=False or use InfiniteSampler')
-
-    def _build_loaders(self, plan: List[List[str]],
-                       offsets: Optional[Mapping[str, int]]) -> Dict[str, Any]:
-        """This rank's loaders under ``plan``, sharded over each task's
-        ranks; with ``offsets``, only the tasks whose ranks changed are
-        rebuilt (continuing their index streams), the others kept."""
-        world_size = len(plan)
-        ranks = ranks_of(plan)
-        current = getattr(getattr(self, 'dataloader', None), 'loaders', {})
-        mine = [
-            t for t in task_keys(self.loader_cfgs, 'train_dataloader')
-            if t in plan[self.rank]
-        ]
-        keep = {
-            t: current[t]
-            for t in mine if offsets is not None and t in current
-            and ranks[t] == self.task_ranks.get(t)
-        }
-        todo = {t: self.loader_cfgs[t] for t in mine if t not in keep}
-        built = build_task_loaders(self._runner, todo,
-                                   'train_dataloader') if todo else {}
-        for task, loader in built.items():
-            if len(ranks[task]) != world_size or offsets:
-                shard_sampler(
-                    loader,
-                    ranks[task].index(self.rank),
-                    len(ranks[task]),
-                    f'train_dataloader[{task!r}]',
-                    offset=(offsets or {}).get(task, 0))
-        return OrderedDict(
-            (t, keep[t] if t in keep else built[t]) for t in mine)
-
-    def _follow_history(self, n: int) -> None:
-        """Before batch ``n``: every ``report_interval`` batches of live
-        training, report on (and maybe re-plan) the placement; then switch
-        to the plan in force from ``n`` (a re-plan, or its replay when a
-        resumed run redraws its first batches)."""
-        if (n >= self._live_from and n > 0 and self.report_interval > 0
-                and n % self.report_interval == 0):
-            self._report_placement(n)
-        plan = next((p for start, p in reversed(self.history) if start <= n),
-                    self.plan)
-        if plan == self.plan:
-            return
-        sizes = {
-            t: int(cfg['batch_size']) if isinstance(cfg, Mapping) else
-            int(cfg.batch_size)
-            for t, cfg in self.loader_cfgs.items()
-        }
-        offsets = consumed_samples(self.history, n, sizes)
-        loaders = self._build_loaders(plan, offsets)
-        self.plan, self.task_ranks = plan, ranks_of(plan)
-        self.runner.model.set_task_ranks(self.task_ranks)
-        self.dataloader.set_loaders(loaders)
-        print_log(
-            f'SIMT placement from iteration {n}:\n' + format_plan(plan),
-            logger='current')
-
-    def run(self) -> Any:
-        """Adopt the plan history of a resumed checkpoint, then the stock
-        run (whose replay of the first ``iter`` batches follows it)."""
-        self._live_from = self._iter
-        stored = self.runner.message_hub.get_info('simt_placement_history')
-        if stored and len(self.plan) > 1:
-            history = [(int(s), [list(ts) for ts in p]) for s, p in stored]
-            if len(history[0][1]) != len(self.plan):
-                raise ValueError(
-                    f'the checkpoint was trained on {len(history[0][1])} '
-                    f'ranks with placement history {history}; this run has '
-                    f'{len(self.plan)} ranks')
-            self.history = history
-        return super().run()
-
-    def _report_placement(self, n: int) -> None:
-        """Log each rank's measured load; warn when a rank mostly idles;
-        re-plan from batch ``n`` when the measured costs give a faster plan
-        (the same decision on every rank, and in a resumed run: the logged
-        task times are gathered over ranks and kept in the checkpoint)."""
-        hub = self.runner.message_hub
-        costs = {}
-        for task in self.task_ranks:
-            buf = hub.log_scalars.get(f'train/{task}/time')
-            if buf is None:
-                return
-            costs[task] = max(float(buf.mean(self.report_interval)), 1e-9)
-        report = placement_report(
-            self.plan, costs, self.replan, min_gain=self.min_gain)
-        print_log(
-            'SIMT placement, measured task time per iteration:\n' +
-            report['text'],
-            logger='current')
-        if report['idle']:
-            print_log(
-                f'SIMT placement: ranks {report["idle"]} idle more than half '
-                "of each iteration; balance with the tasks' batch sizes, "
-                'placement.costs or placement.assignment, or use '
-                "placement='all'",
-                logger='current',
-                level=logging.WARNING)
-        if report['better'] is not None:
-            new = max(rank_loads(report['better'], costs))
-            print_log(
-                'SIMT placement: re-planned with the measured costs '
-                f'({new:.3f}s vs {max(report["loads"]):.3f}s per '
-                'iteration)',
-                logger='current',
-                level=logging.WARNING)
-            self.history.append((n, report['better']))
-            hub.update_info('simt_placement_history',
-                            [[s, p] for s, p in self.history])
+__all__ = ['SIMTValLoop', 'SIMTTestLoop', 'metrics_table', 'check_simt_cfg']
 
 
 class _SIMTEvalLoop(BaseLoop):
