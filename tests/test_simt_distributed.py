@@ -93,8 +93,15 @@ def _shard(batch: dict, index: int, count: int) -> dict:
     return {k: v[index * n:(index + 1) * n] for k, v in batch.items()}
 
 
+def _shared_batches(placement, world_size: int) -> bool:
+    """Whether some task's batch is split over several ranks (the case
+    that needs batch norms in eval mode for an exact comparison)."""
+    ranks = ranks_of(plan_placement(placement, list(TASKS), world_size))
+    return any(len(r) > 1 for r in ranks.values())
+
+
 def _worker(rank, world_size, root, placement, disjoint, out_dir):
-    model, optim = _build(placement == 'all', disjoint)
+    model, optim = _build(_shared_batches(placement, world_size), disjoint)
     wrapper = SIMTDistributedWrapper(model)
     task_ranks = ranks_of(
         plan_placement(placement, model.task_names, world_size))
@@ -138,32 +145,42 @@ def _reference(root: Path, bn_eval: bool, disjoint: bool):
 
 
 # -------------------------------------------------------------------- tests
-@pytest.mark.parametrize('placement,disjoint', [('all', False),
-                                                ('split', False),
-                                                ('split', True)])
-def test_two_ranks_update_like_one_process(demo_root, tmp_path, placement,
-                                           disjoint):
-    """2 ranks (every task on both, or tasks split over them) step exactly
-    like one process on the union of their data: the same synchronised
-    gradients (before clipping), parameters after 2 SGD+momentum+weight
-    decay+clipping steps, router call counts and logged losses. With
-    ``disjoint`` routes, rank 1's task uses lego units no task of rank 0
-    uses: no hang (the ranks finish within the timeout); that case also
-    checkpoints activations (``with_cp``) and accumulates 2 iterations
-    into one step (synchronised once)."""
+# 3 ranks: det on a 2-rank subgroup (FCOS's reduce_mean runs in it).
+SUBGROUP = dict(
+    type='split',
+    assignment=[['mnist_det'], ['mnist_det'], ['fmnist_seg', 'fmnist_cls']])
+
+
+@pytest.mark.parametrize('placement,disjoint,world_size',
+                         [('all', False, 2), ('split', False, 2),
+                          ('split', True, 2), (SUBGROUP, False, 3)])
+def test_ranks_update_like_one_process(demo_root, tmp_path, placement,
+                                       disjoint, world_size):
+    """2 ranks (every task on both, or tasks split over them) and 3 ranks
+    (det on a 2-rank subgroup) step exactly like one process on the union
+    of their data: the same synchronised gradients (before clipping),
+    parameters after 2 SGD+momentum+weight decay+clipping steps, router
+    call counts and logged losses. With ``disjoint`` routes, rank 1's task
+    uses lego units no task of rank 0 uses: no hang (the ranks finish
+    within the timeout); that case also checkpoints activations
+    (``with_cp``) and accumulates 2 iterations into one step (synchronised
+    once)."""
     run_ranks(
         _worker,
-        2,
+        world_size,
         args=(str(demo_root), placement, disjoint, str(tmp_path)),
         timeout=300,
         err_dir=str(tmp_path / 'errors'))
-    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
-    ref = _reference(demo_root, placement == 'all', disjoint)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(world_size)]
+    ref = _reference(demo_root, _shared_batches(placement, world_size),
+                     disjoint)
     if placement == 'split':  # the equal-cost plan of 3 tasks on 2 ranks
         assert ranks[0]['tasks'] == ['mnist_det', 'fmnist_cls']
         assert ranks[1]['tasks'] == ['fmnist_seg']
-    else:
+    elif placement == 'all':
         assert ranks[0]['tasks'] == ranks[1]['tasks'] == list(TASKS)
+    else:
+        assert [r['tasks'] for r in ranks] == SUBGROUP['assignment']
 
     # Every rank ends with the same gradients and state as the other ...
     for r in ranks[1:]:
