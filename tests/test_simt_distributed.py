@@ -238,11 +238,18 @@ def _close(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
         msg=lambda m: f'{name}: {m}')
 
 
+def _global_batch() -> torch.Tensor:
+    return torch.randn(
+        6, 4, 5, 5, generator=torch.Generator().manual_seed(7)) * 3 + 1
+
+
 def _norm_worker(rank, world_size, out_dir):
     torch.manual_seed(rank)
     bn = torch.nn.BatchNorm2d(4)
     lego = LegoBatchNorm(unit_width=2, num_legos=3)
-    sync = NormStatsSync(torch.nn.ModuleList([bn, lego]))
+    both = torch.nn.BatchNorm2d(4)  # each rank: its half of one batch
+    sync = NormStatsSync(torch.nn.ModuleList([bn, lego, both]))
+    both(_global_batch()[3 * rank:3 * rank + 3])
     x = torch.randn(3, 4, 5, 5) + rank
     if rank == 1:  # only rank 1 runs the stock norm
         bn(x)
@@ -256,6 +263,7 @@ def _norm_worker(rank, world_size, out_dir):
             before=before,
             bn=bn.running_mean.clone(),
             lego=lego.running_mean.clone(),
+            both=both.running_mean.clone(),
             tracked=int(bn.num_batches_tracked)),
         Path(out_dir) / f'norm{rank}.pt')
 
@@ -279,6 +287,12 @@ def test_norm_statistics_averaged_over_the_ranks_that_updated_them(tmp_path):
             r['lego'][2:4],
             (r0['before']['lego'][2:4] + r1['before']['lego'][2:4]) / 2)
     assert not torch.equal(r0['before']['bn'], r1['before']['bn'])
+    # A batch split over both ranks: the averaged running mean is one
+    # process's momentum update with the whole batch's mean.
+    single = torch.nn.BatchNorm2d(4)
+    single(_global_batch())
+    for r in (r0, r1):
+        torch.testing.assert_close(r['both'], single.running_mean)
 
 
 def _group_worker(rank, world_size, out_dir):
