@@ -15,8 +15,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from mmengine.dist import all_reduce as all_reduce_op
-from mmengine.dist import get_dist_info
+from mmengine.dist import all_reduce, get_dist_info
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import LOOPS
@@ -30,13 +29,6 @@ from .task_placement import (consumed_samples, format_plan, placement_report,
                              plan_placement, rank_loads, ranks_of)
 
 __all__ = ['SIMTTrainLoop']
-
-
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    """MAX over ranks (mmengine moves the tensor to the backend's
-    device)."""
-    all_reduce_op(value, op='max')
-    return value
 
 
 def _check_wrapper(model: Any) -> None:
@@ -143,7 +135,8 @@ class SIMTTrainLoop(IterBasedTrainLoop):
         length: Union[str, int] = 'max'
         if world_size > 1:  # the same "epoch" length on every rank
             local = torch.tensor(max(len(ld) for ld in loaders.values()))
-            length = int(all_reduce_max(local))
+            all_reduce(local, op='max')  # on the backend's device
+            length = int(local)
         task_loaders = TaskLoaders(loaders, length=length)
         super().__init__(
             runner,

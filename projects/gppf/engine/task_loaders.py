@@ -111,19 +111,14 @@ class TaskLoaders:
         if length not in ('max', 'sum') and not isinstance(length, int):
             raise ValueError(f"length must be 'max', 'sum' or an int, got "
                              f'{length!r}')
-        self.loaders: Dict[str, DataLoader] = OrderedDict(loaders)
         self.length = length
-        self.dataset = _TaskDatasets({
-            task: loader.dataset
-            for task, loader in self.loaders.items()
-        })
-        self.sampler = _TaskSamplers(self.loaders)
+        self.set_loaders(loaders)
         self.before_batch: Optional[Callable[[int], None]] = None
 
     def set_loaders(self, loaders: Mapping[str, DataLoader]) -> None:
         """Replace the loaders (a new placement): iteration continues with
         a fresh iterator for every replaced or added loader."""
-        self.loaders = OrderedDict(loaders)
+        self.loaders: Dict[str, DataLoader] = OrderedDict(loaders)
         self.dataset = _TaskDatasets({
             task: loader.dataset
             for task, loader in self.loaders.items()

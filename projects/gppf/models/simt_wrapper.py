@@ -28,9 +28,8 @@ import torch.nn as nn
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS
 
-from ..utils.dist_sync import (NormStatsSync, broadcast_coalesced,
-                               default_group, params_requiring_grad,
-                               sync_partial_grads, tensors_of)
+from ..utils.dist_sync import (NormStatsSync, default_group,
+                               params_requiring_grad, sync_partial_grads)
 from .router import TaskRouter
 from .task_context import current_task
 
@@ -62,15 +61,18 @@ class SIMTDistributedWrapper(nn.Module):
         sync_norm_stats (bool): Average batch-norm running statistics over
             the ranks that updated them, every iteration (see
             :class:`NormStatsSync`). Default: True.
-        broadcast_at_start (bool): Copy rank 0's parameters and buffers to
-            every rank when wrapping. Default: True.
+
+    Replicas must start equal: mmengine's runner broadcasts every
+    ``state_dict()`` value from rank 0 when training starts
+    (``Runner._init_model_weights``) and loads the same checkpoint on every
+    rank for testing; outside the runner, build the model with the same
+    seed on every rank.
     """
 
     def __init__(self,
                  module: nn.Module,
-                 bucket_size_mb: float = 25,
-                 sync_norm_stats: bool = True,
-                 broadcast_at_start: bool = True) -> None:
+                 bucket_size_mb: int = 25,
+                 sync_norm_stats: bool = True) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError('SIMTDistributedWrapper needs an initialised '
@@ -82,7 +84,7 @@ class SIMTDistributedWrapper(nn.Module):
                                 f'(GPPF); {type(module).__name__} has no '
                                 f'{name}()')
         self.module = module
-        self.bucket_bytes = int(bucket_size_mb * 2**20)
+        self.bucket_size_mb = int(bucket_size_mb)
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.params = params_requiring_grad(module)
@@ -93,10 +95,6 @@ class SIMTDistributedWrapper(nn.Module):
         self.task_ranks: Optional[Dict[str, List[int]]] = None
         self.task_groups: Dict[str, Any] = {}
         self.last_sync: Dict[str, float] = {}
-        self._log_keys: Dict[str, List[str]] = {}
-        if broadcast_at_start:
-            with torch.no_grad():
-                broadcast_coalesced(list(tensors_of(module)), src=0)
 
     # -------------------------------------------------------------- set-up
     def set_task_ranks(self, task_ranks: Mapping[str, Sequence[int]]) -> None:
@@ -158,7 +156,7 @@ class SIMTDistributedWrapper(nn.Module):
             begin = time.perf_counter()
             stats.update(
                 sync_partial_grads(
-                    self.params, bucket_bytes=self.bucket_bytes))
+                    self.params, bucket_size_mb=self.bucket_size_mb))
             stats['time'] = time.perf_counter() - begin
 
         self.module.finish_step(optim_wrapper, before_step=sync)

@@ -7,85 +7,33 @@ which tensors take part is agreed first with a small all-reduce, so no
 collective can wait for a rank that has nothing to send.
 """
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from mmengine.dist import all_reduce_params
 from torch.distributed import ProcessGroup
 from torch.distributed.distributed_c10d import _world
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
-    'all_reduce_coalesced', 'broadcast_coalesced', 'sync_partial_grads',
-    'NormStatsSync', 'default_group'
+    'sync_partial_grads', 'NormStatsSync', 'default_group',
+    'params_requiring_grad'
 ]
-
-
-def _buckets(tensors: Sequence[torch.Tensor],
-             bucket_bytes: int) -> Iterator[List[int]]:
-    """Indices of ``tensors`` grouped by (dtype, device), at most
-    ``bucket_bytes`` per group (a larger tensor gets its own)."""
-    groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    for indices in groups.values():
-        bucket: List[int] = []
-        size = 0
-        for i in indices:
-            nbytes = tensors[i].numel() * tensors[i].element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append(i)
-            size += nbytes
-        if bucket:
-            yield bucket
-
-
-def all_reduce_coalesced(tensors: Sequence[torch.Tensor],
-                         op: dist.ReduceOp = dist.ReduceOp.SUM,
-                         group: Optional[ProcessGroup] = None,
-                         bucket_bytes: int = 25 * 2**20) -> int:
-    """All-reduce ``tensors`` in place, one flat buffer per bucket.
-
-    Returns:
-        int: Bytes this rank sent into the reductions.
-    """
-    sent = 0
-    for bucket in _buckets(tensors, bucket_bytes):
-        parts = [tensors[i] for i in bucket]
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        dist.all_reduce(flat, op=op, group=group)
-        sent += flat.numel() * flat.element_size()
-        for part, new in zip(parts, flat.split([p.numel() for p in parts])):
-            part.copy_(new.view_as(part))
-    return sent
-
-
-def broadcast_coalesced(tensors: Sequence[torch.Tensor],
-                        src: int = 0,
-                        group: Optional[ProcessGroup] = None,
-                        bucket_bytes: int = 25 * 2**20) -> None:
-    """Broadcast ``tensors`` from global rank ``src`` in place."""
-    for bucket in _buckets(tensors, bucket_bytes):
-        parts = [tensors[i] for i in bucket]
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        dist.broadcast(flat, src=src, group=group)
-        for part, new in zip(parts, flat.split([p.numel() for p in parts])):
-            part.copy_(new.view_as(part))
 
 
 def sync_partial_grads(params: Sequence[nn.Parameter],
                        group: Optional[ProcessGroup] = None,
-                       bucket_bytes: int = 25 * 2**20) -> Dict[str, int]:
+                       bucket_size_mb: int = 25) -> Dict[str, int]:
     """Sum each parameter's gradient over the ranks that produced one.
 
     1. One all-reduce of a 0/1 flag per parameter counts its producers.
     2. Parameters no rank produced keep ``grad=None`` on every rank (the
        optimizer skips them everywhere: no weight decay, no momentum step).
     3. The others get a zero gradient where missing and are summed in
-       coalesced buckets, so every rank ends with the same gradient.
+       coalesced buckets (mmengine's ``all_reduce_params``), so every rank
+       ends with the same gradient.
 
     The caller scales each loss by ``1 / (ranks that computed it)`` before
     the backward, so the sum is the gradient of the objective over the
@@ -105,9 +53,9 @@ def sync_partial_grads(params: Sequence[nn.Parameter],
     for p in used:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    sent = all_reduce_coalesced([p.grad for p in used],
-                                group=group,
-                                bucket_bytes=bucket_bytes)
+    grads = [p.grad for p in used]
+    all_reduce_params(grads, bucket_size_mb=bucket_size_mb, group=group)
+    sent = sum(g.numel() * g.element_size() for g in grads)
     return dict(params=len(used), bytes=sent + flags.numel() * 4)
 
 
@@ -133,7 +81,9 @@ class NormStatsSync:
     def __init__(self, module: nn.Module) -> None:
         from ..models.lego_layers import LegoBatchNorm
         self.norms: List[nn.Module] = []
-        self.masks: Dict[int, Optional[torch.Tensor]] = {}
+        # Per norm: None (not updated), True (all of a stock norm) or the
+        # channel mask of a lego norm.
+        self.masks: Dict[int, Union[None, bool, torch.Tensor]] = {}
         for m in module.modules():
             lego = isinstance(m, LegoBatchNorm)
             stock = isinstance(m, _BatchNorm) and m.running_mean is not None
@@ -145,7 +95,7 @@ class NormStatsSync:
 
     def _stock_hook(self, m: nn.Module, args: tuple) -> None:
         if m.training:
-            self.masks[id(m)] = torch.ones_like(m.running_mean)
+            self.masks[id(m)] = True
 
     def _lego_hook(self, m: nn.Module, args: tuple) -> None:
         if m.training:
@@ -165,8 +115,9 @@ class NormStatsSync:
         values, masks = [], []
         for m in self.norms:
             mask = self.masks[id(m)]
-            if mask is None:
-                mask = torch.zeros_like(m.running_mean)
+            if not isinstance(mask, torch.Tensor):
+                fill = torch.ones_like if mask else torch.zeros_like
+                mask = fill(m.running_mean)
             for stat in (m.running_mean, m.running_var):
                 values.append(stat.float() * mask)
                 masks.append(mask.float())
@@ -219,9 +170,3 @@ def default_group(group: Optional[ProcessGroup]) -> Iterator[None]:
 def params_requiring_grad(module: nn.Module) -> List[nn.Parameter]:
     """The module's trainable parameters, in registration order."""
     return [p for p in module.parameters() if p.requires_grad]
-
-
-def tensors_of(module: nn.Module) -> Iterable[torch.Tensor]:
-    """Parameters and buffers (every rank starts from rank 0's)."""
-    yield from (p.data for p in module.parameters())
-    yield from module.buffers()
