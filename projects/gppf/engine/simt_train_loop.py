@@ -90,10 +90,8 @@ class SIMTTrainLoop(IterBasedTrainLoop):
                  placement: Union[str, Mapping] = 'all') -> None:
         tasks = model_tasks(runner)
         check_task_sets({
-            'model.tasks':
-            tasks,
-            'train_dataloader':
-            task_keys(dataloader, 'train_dataloader')
+            'model.tasks': tasks,
+            'train_dataloader': task_keys(dataloader, 'train_dataloader')
         })
         _check_wrapper(runner.model)
         self._runner = runner
@@ -104,9 +102,9 @@ class SIMTTrainLoop(IterBasedTrainLoop):
         self.task_ranks = ranks_of(self.plan)
         self.history: List[Tuple[int, List[List[str]]]] = [(0, self.plan)]
         self.report_interval = int(opts.get('report_interval', 50))
-        self.replan = bool(opts.get(
-            'replan', True)) and (opts.get('assignment')
-                                  is None) and world_size <= len(tasks)
+        self.replan = (bool(opts.get('replan', True))
+                       and opts.get('assignment') is None
+                       and world_size <= len(tasks))
         self.min_gain = float(opts.get('min_gain', 0.1))
         split = any(len(r) < world_size for r in self.task_ranks.values())
         if world_size > 1:
