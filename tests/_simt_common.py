@@ -284,7 +284,7 @@ def runner_cfg(root: Path,
             logger=dict(type='LoggerHook', interval=1),
             param_scheduler=dict(type='ParamSchedulerHook'),
             checkpoint=dict(
-                type='CheckpointHook',
+                type='SafeCheckpointHook',
                 interval=checkpoint_interval,
                 by_epoch=False)),
         randomness=dict(seed=0),

@@ -252,7 +252,7 @@ param_scheduler = [
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=25),
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=False, interval=max_iters))
+        type='SafeCheckpointHook', by_epoch=False, interval=max_iters))
 custom_hooks = [
     dict(
         type='TaskRouterHook',

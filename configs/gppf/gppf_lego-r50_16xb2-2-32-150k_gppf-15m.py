@@ -94,7 +94,8 @@ param_scheduler = [
         end=150000)
 ]
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=10000))
+    checkpoint=dict(
+        type='SafeCheckpointHook', by_epoch=False, interval=10000))
 custom_hooks = [
     dict(
         type='TaskRouterHook',

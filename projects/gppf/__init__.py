@@ -5,6 +5,8 @@ registers its modules in mmengine's root registries, which the mmdet, mmseg
 and mmpretrain registries all fall back to, and allow-lists the safe globals
 that mmengine checkpoints need under ``torch.load(weights_only=True)``.
 """
+from .datasets import *  # noqa: F401,F403
+from .datasets import __all__ as _datasets_all
 from .engine import *  # noqa: F401,F403
 from .engine import __all__ as _engine_all
 from .models import *  # noqa: F401,F403
@@ -13,4 +15,4 @@ from .utils import allow_mmengine_globals
 
 allow_mmengine_globals()
 
-__all__ = list(_models_all) + list(_engine_all)
+__all__ = list(_models_all) + list(_datasets_all) + list(_engine_all)

@@ -11,8 +11,12 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
+    # mmengine's CheckpointHook, written atomically, refusing non-finite
+    # weights, with every rank's random state for an exact resume.
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=False, interval=5000,
+        type='SafeCheckpointHook',
+        by_epoch=False,
+        interval=5000,
         max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'))
 # Router schedules, unit-utilisation logs and route heatmaps (LegoResNet).

@@ -1,3 +1,4 @@
+from .safe_checkpoint_hook import SafeCheckpointHook
 from .simt_loops import (SIMTTestLoop, SIMTValLoop, check_simt_cfg,
                          metrics_table)
 from .simt_train_loop import SIMTTrainLoop
@@ -6,5 +7,5 @@ from .task_router_hook import TaskRouterHook
 
 __all__ = [
     'SIMTTrainLoop', 'SIMTValLoop', 'SIMTTestLoop', 'TaskLoaders',
-    'check_simt_cfg', 'metrics_table', 'TaskRouterHook'
+    'check_simt_cfg', 'metrics_table', 'TaskRouterHook', 'SafeCheckpointHook'
 ]

@@ -22,6 +22,7 @@ from mmengine.runner.base_loop import BaseLoop
 
 from ..models.task_config import check_task_sets
 from ..models.task_context import use_task
+from ..utils.random_state import isolated_random_state
 from .task_loaders import (TaskLoaders, build_task_evaluators,
                            build_task_loaders, model_tasks, task_keys)
 
@@ -76,7 +77,13 @@ class _SIMTEvalLoop(BaseLoop):
 
     def run(self) -> Dict[str, Any]:
         """Evaluate every task with its evaluator; metrics are prefixed
-        ``<task>/`` and a per-task table is logged."""
+        ``<task>/`` and a per-task table is logged. The process-wide random
+        streams are left as they were (an evaluation inside training does
+        not change what training draws next)."""
+        with isolated_random_state():
+            return self._evaluate()
+
+    def _evaluate(self) -> Dict[str, Any]:
         mode = self.mode
         self.runner.call_hook(f'before_{mode}')
         self.runner.call_hook(f'before_{mode}_epoch')

@@ -11,6 +11,7 @@ when distributed) and hands the dict to ``model.train_step``
 (:meth:`GPPF.train_step`, or :class:`SIMTDistributedWrapper`'s).
 """
 import logging
+import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -21,10 +22,11 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import LOOPS
 from mmengine.runner.loops import IterBasedTrainLoop
 
+from ..datasets import GuardedDataset, ResumableBatchSampler
 from ..models.simt_wrapper import SIMTDistributedWrapper
 from ..models.task_config import check_task_sets
 from .task_loaders import (TaskLoaders, build_task_loaders, model_tasks,
-                           shard_sampler, task_keys)
+                           shard_sampler, task_keys, train_loader_cfg)
 from .task_placement import (consumed_samples, format_plan, placement_report,
                              plan_placement, rank_loads, ranks_of)
 
@@ -53,11 +55,18 @@ class SIMTTrainLoop(IterBasedTrainLoop):
     :class:`TaskLoaders`, so the runner protocol (``iter``, ``max_iters``,
     ``stop_training``, hooks, validation interval, ``dynamic_intervals``) is
     the stock one. ``outputs`` of ``after_train_iter`` carry ``loss``,
-    ``<task>/<loss name>`` and ``<task>/time``. On resume at iteration ``k``
-    the first ``k`` batches of every task are drawn again and dropped, in the
-    order of the original run (and under the placements it used), so every
-    loader (and the pipelines' random state, with ``num_workers=0``)
-    continues where it stopped.
+    ``<task>/<loss name>`` and ``<task>/time``.
+
+    Every task's training loader gets a :class:`ResumableBatchSampler` and a
+    :class:`GuardedDataset` around its stock ones
+    (:func:`train_loader_cfg`): each sample is loaded with a seed of its
+    own, a sample that fails to load is replaced, counted
+    (``<task>/bad_samples``) and stops the run when too many do, and a
+    resumed run at iteration ``k`` skips the first ``k`` batches of every
+    task by drawing only their indices (under the placements the original
+    run used), in seconds. With :class:`SafeCheckpointHook` restoring the
+    process-wide random streams, a killed and resumed run continues exactly
+    as the uninterrupted one.
 
     Distributed (:class:`SIMTDistributedWrapper`), ``placement`` decides
     which ranks run which task (:mod:`.task_placement`); each task's dataset
@@ -78,6 +87,12 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             min_gain=0.1, report_interval=50)`` or ``dict(type='split',
             assignment=[[<tasks of rank 0>], ...])``. Ignored on one
             process.
+        bad_samples (dict, optional): ``max_retries`` (replacements tried
+            for one sample before an error, default 10; 0 raises the first
+            failure), ``max_ratio`` (the run stops once more than this
+            share of a task's samples failed, default 0.01) and
+            ``min_samples`` (only after this many samples of the task were
+            drawn, default 100).
     """
 
     def __init__(self,
@@ -87,11 +102,14 @@ class SIMTTrainLoop(IterBasedTrainLoop):
                  val_begin: int = 1,
                  val_interval: int = 1000,
                  dynamic_intervals: Optional[List[Tuple[int, int]]] = None,
-                 placement: Union[str, Mapping] = 'all') -> None:
+                 placement: Union[str, Mapping] = 'all',
+                 bad_samples: Optional[Mapping[str, Any]] = None) -> None:
         tasks = model_tasks(runner)
         check_task_sets({
-            'model.tasks': tasks,
-            'train_dataloader': task_keys(dataloader, 'train_dataloader')
+            'model.tasks':
+            tasks,
+            'train_dataloader':
+            task_keys(dataloader, 'train_dataloader')
         })
         _check_wrapper(runner.model)
         self._runner = runner
@@ -102,10 +120,11 @@ class SIMTTrainLoop(IterBasedTrainLoop):
         self.task_ranks = ranks_of(self.plan)
         self.history: List[Tuple[int, List[List[str]]]] = [(0, self.plan)]
         self.report_interval = int(opts.get('report_interval', 50))
-        self.replan = (bool(opts.get('replan', True))
-                       and opts.get('assignment') is None
-                       and world_size <= len(tasks))
+        self.replan = (
+            bool(opts.get('replan', True)) and opts.get('assignment') is None
+            and world_size <= len(tasks))
         self.min_gain = float(opts.get('min_gain', 0.1))
+        self.bad_samples = _bad_samples_cfg(bad_samples)
         split = any(len(r) < world_size for r in self.task_ranks.values())
         if world_size > 1:
             if not isinstance(runner.model, SIMTDistributedWrapper):
@@ -121,15 +140,6 @@ class SIMTTrainLoop(IterBasedTrainLoop):
         if split and self.replan:
             self._check_replannable()
         loaders = self._build_loaders(self.plan, offsets=None)
-        for task, loader in loaders.items():
-            sampler = getattr(loader.batch_sampler, 'sampler', loader.sampler)
-            if not type(sampler).__name__.startswith('Infinite'):
-                print_log(
-                    f"train_dataloader['{task}'] uses "
-                    f'{type(sampler).__name__}; InfiniteSampler avoids '
-                    'restarting the loader at the end of every epoch',
-                    logger='current',
-                    level=logging.WARNING)
         length: Union[str, int] = 'max'
         if world_size > 1:  # the same "epoch" length on every rank
             local = torch.tensor(max(len(ld) for ld in loaders.values()))
@@ -168,11 +178,14 @@ class SIMTTrainLoop(IterBasedTrainLoop):
                     f"train_dataloader['{task}'] uses {sampler}. Set "
                     'replan=False or use InfiniteSampler')
 
-    def _build_loaders(self, plan: List[List[str]],
-                       offsets: Optional[Mapping[str, int]]) -> Dict[str, Any]:
+    def _build_loaders(self,
+                       plan: List[List[str]],
+                       offsets: Optional[Mapping[str, int]],
+                       start: int = 0) -> Dict[str, Any]:
         """This rank's loaders under ``plan``, sharded over each task's
         ranks; with ``offsets``, only the tasks whose ranks changed are
-        rebuilt (continuing their index streams), the others kept."""
+        rebuilt (continuing their index streams from iteration ``start``),
+        the others kept."""
         world_size = len(plan)
         ranks = ranks_of(plan)
         current = getattr(getattr(self, 'dataloader', None), 'loaders', {})
@@ -185,10 +198,21 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             for t in mine if offsets is not None and t in current
             and ranks[t] == self.task_ranks.get(t)
         }
-        todo = {t: self.loader_cfgs[t] for t in mine if t not in keep}
+        seed = self._runner.seed
+        todo = {
+            t:
+            train_loader_cfg(self.loader_cfgs[t], t, seed,
+                             self.bad_samples['max_retries'])
+            for t in mine if t not in keep
+        }
         built = build_task_loaders(self._runner, todo,
                                    'train_dataloader') if todo else {}
         for task, loader in built.items():
+            # DataLoader iterators draw their workers' base seed from this
+            # generator instead of the process-wide stream training uses.
+            loader.generator = torch.Generator().manual_seed(seed or 0)
+            if isinstance(loader.batch_sampler, ResumableBatchSampler):
+                loader.batch_sampler.start_at(start)
             if len(ranks[task]) != world_size or offsets:
                 shard_sampler(
                     loader,
@@ -212,12 +236,13 @@ class SIMTTrainLoop(IterBasedTrainLoop):
         if plan == self.plan:
             return
         sizes = {
-            t: int(cfg['batch_size']) if isinstance(cfg, Mapping) else
-            int(cfg.batch_size)
+            t:
+            int(cfg['batch_size'])
+            if isinstance(cfg, Mapping) else int(cfg.batch_size)
             for t, cfg in self.loader_cfgs.items()
         }
         offsets = consumed_samples(self.history, n, sizes)
-        loaders = self._build_loaders(plan, offsets)
+        loaders = self._build_loaders(plan, offsets, start=n)
         self.plan, self.task_ranks = plan, ranks_of(plan)
         self.runner.model.set_task_ranks(self.task_ranks)
         self.dataloader.set_loaders(loaders)
@@ -226,8 +251,11 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             logger='current')
 
     def run(self) -> Any:
-        """Adopt the plan history of a resumed checkpoint, then the stock
-        run (whose replay of the first ``iter`` batches follows it)."""
+        """Train from ``iter`` (0, or the resumed iteration) to
+        ``max_iters``: mmengine's iteration loop, except that a resumed run
+        skips the batches already trained at the index level (following
+        the placement history of the checkpoint) instead of loading them,
+        and that the bad samples each batch reports are counted."""
         self._live_from = self._iter
         stored = self.runner.message_hub.get_info('simt_placement_history')
         if stored and len(self.plan) > 1:
@@ -238,7 +266,64 @@ class SIMTTrainLoop(IterBasedTrainLoop):
                     f'ranks with placement history {history}; this run has '
                     f'{len(self.plan)} ranks')
             self.history = history
-        return super().run()
+        self.runner.call_hook('before_train')
+        self.runner.call_hook('before_train_epoch')
+        batches = iter(self.dataloader)
+        if self._iter > 0:
+            start = time.perf_counter()
+            batches.skip(self._iter)
+            print_log(
+                f'resumed at iteration {self._iter}: skipped as many '
+                'batches of every task without loading them '
+                f'({time.perf_counter() - start:.2f}s)',
+                logger='current')
+        while self._iter < self._max_iters and not self.stop_training:
+            self.runner.model.train()
+            data_batch = self._count_bad_samples(next(batches))
+            self.run_iter(data_batch)
+            self._decide_current_val_interval()
+            if (self.runner.val_loop is not None
+                    and self._iter >= self.val_begin
+                    and (self._iter % self.val_interval == 0
+                         or self._iter == self._max_iters)):
+                self.runner.val_loop.run()
+        self.runner.call_hook('after_train_epoch')
+        self.runner.call_hook('after_train')
+        return self.runner.model
+
+    def _count_bad_samples(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """Take the failures :class:`GuardedDataset` reported out of each
+        task's batch, count them per task (``<task>/bad_samples`` scalar,
+        kept in the checkpoint) and stop the run when a task's share of
+        failed samples exceeds ``bad_samples.max_ratio``."""
+        hub = self.runner.message_hub
+        counts = hub.get_info('simt_bad_samples') or {}
+        changed = False
+        for task, batch in data.items():
+            if not isinstance(batch, dict) or GuardedDataset.KEY not in batch:
+                continue
+            reports = batch.pop(GuardedDataset.KEY)
+            failures = [f for r in reports for f in r.split('\n') if f]
+            bad, seen, last = counts.get(task, (0, 0, []))
+            bad, seen = bad + len(failures), seen + len(reports) + len(
+                failures)
+            last = (list(last) + failures)[-3:]
+            counts[task] = (bad, seen, last)
+            changed = True
+            if bad:
+                hub.update_scalar(f'train/{task}/bad_samples', bad)
+            cfg = self.bad_samples
+            if seen >= cfg['min_samples'] and bad > cfg['max_ratio'] * seen:
+                raise RuntimeError(
+                    f"train_dataloader['{task}']: {bad} of the {seen} "
+                    f'samples drawn so far failed to load '
+                    f'({bad / seen:.1%}, more than train_cfg.bad_samples.'
+                    f'max_ratio={cfg["max_ratio"]:.1%}), at iteration '
+                    f'{self._iter}. The last ones:\n' + '\n'.join(last) +
+                    '\nRepair or remove them, or raise the limit')
+        if changed:
+            hub.update_info('simt_bad_samples', counts)
+        return data
 
     def _report_placement(self, n: int) -> None:
         """Log each rank's measured load; warn when a rank mostly idles;
@@ -277,3 +362,19 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             self.history.append((n, report['better']))
             hub.update_info('simt_placement_history',
                             [[s, p] for s, p in self.history])
+
+
+def _bad_samples_cfg(cfg: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``train_cfg.bad_samples`` with its defaults, checked."""
+    out = dict(max_retries=10, max_ratio=0.01, min_samples=100)
+    unknown = set(cfg or {}) - set(out)
+    if unknown:
+        raise KeyError(f'train_cfg.bad_samples: unknown keys '
+                       f'{sorted(unknown)}; known: {sorted(out)}')
+    out.update(cfg or {})
+    if int(out['max_retries']) < 0 or int(
+            out['min_samples']) < 0 or not (0 <= float(out['max_ratio']) <= 1):
+        raise ValueError('train_cfg.bad_samples needs max_retries >= 0, '
+                         f'min_samples >= 0 and 0 <= max_ratio <= 1, got '
+                         f'{out}')
+    return out

@@ -14,14 +14,14 @@ from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
 
 from mmengine.evaluator import Evaluator
 from mmengine.model import is_model_wrapper
-from mmengine.runner.loops import _InfiniteDataloaderIterator
 from torch.utils.data import DataLoader
 
+from ..datasets import GuardedDataset, ResumableBatchSampler
 from ..models.task_config import check_task_name, scope_of, with_scope
 
 __all__ = [
     'TaskLoaders', 'build_task_loaders', 'build_task_evaluators',
-    'model_tasks', 'task_keys', 'shard_sampler'
+    'model_tasks', 'task_keys', 'shard_sampler', 'train_loader_cfg'
 ]
 
 
@@ -51,46 +51,94 @@ class _TaskSamplers:
 
     def set_epoch(self, epoch: int) -> None:
         for loader in self.loaders.values():
-            for sampler in (getattr(loader, 'sampler', None),
-                            getattr(
-                                getattr(loader, 'batch_sampler', None),
-                                'sampler', None)):
-                if hasattr(sampler, 'set_epoch'):
-                    sampler.set_epoch(epoch)
-                    break
+            _set_epoch(loader, epoch)
 
 
 class _TaskBatches:
     """Endless iterator of ``{task: batch}``, one batch of every task.
 
-    Each task restarts its own loader when it runs out (``InfiniteSampler``
-    never does). Loader iterators are created on first use, so that building
-    a loop starts no worker, and follow ``owner.loaders``: a task whose
-    loader object was replaced (a new placement) gets a new iterator, a task
-    that left is dropped. ``owner.before_batch(n)``, if set, runs before the
-    ``n``-th batch (0-based) is drawn.
+    Each task's loader is iterated endlessly (a :class:`ResumableBatchSampler`
+    never ends; another loader is restarted at the end of an epoch, with
+    ``set_epoch`` on its sampler, as mmengine does). Loader iterators are
+    created on first use, so that building a loop starts no worker, and
+    follow ``owner.loaders``: a task whose loader object was replaced (a new
+    placement) gets a new iterator, a task that left is dropped.
+    ``owner.before_batch(n)``, if set, runs before the ``n``-th batch
+    (0-based) is drawn or skipped.
     """
 
     def __init__(self, owner: 'TaskLoaders') -> None:
         self.owner = owner
-        self.iterators: Dict[str, _InfiniteDataloaderIterator] = OrderedDict()
+        self.iterators: Dict[str, Iterator] = OrderedDict()
         self.count = 0
 
     def __iter__(self) -> '_TaskBatches':
         return self
 
+    def skip(self, n: int) -> None:
+        """Skip ``n`` batches of every task without loading them where the
+        loader has a :class:`ResumableBatchSampler` (only its indices are
+        drawn); other loaders load and drop them."""
+        for _ in range(n):
+            if self.owner.before_batch is not None:
+                self.owner.before_batch(self.count)
+            self.count += 1
+            for task, loader in self.owner.loaders.items():
+                it = self.iterators.get(task)
+                sampler = loader.batch_sampler
+                if isinstance(sampler, ResumableBatchSampler) and (
+                        it is None or it.loader is not loader):
+                    sampler.skip(1)
+                else:
+                    next(self._iterator(task, loader))
+
     def __next__(self) -> Dict[str, Any]:
         if self.owner.before_batch is not None:
             self.owner.before_batch(self.count)
         self.count += 1
-        iterators = OrderedDict()
-        for task, loader in self.owner.loaders.items():
-            it = self.iterators.get(task)
-            if it is None or it._dataloader is not loader:
-                it = _InfiniteDataloaderIterator(loader)
-            iterators[task] = it
-        self.iterators = iterators
-        return OrderedDict((task, next(it)) for task, it in iterators.items())
+        loaders = self.owner.loaders
+        for gone in [t for t in self.iterators if t not in loaders]:
+            del self.iterators[gone]  # a task that moved to other ranks
+        return OrderedDict((task, next(self._iterator(task, loader)))
+                           for task, loader in loaders.items())
+
+    def _iterator(self, task: str, loader: DataLoader) -> '_Endless':
+        it = self.iterators.get(task)
+        if it is None or it.loader is not loader:
+            it = self.iterators[task] = _Endless(loader)
+        return it
+
+
+class _Endless:
+    """Iterates a dataloader endlessly, epoch after epoch."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.iterator = iter(loader)
+
+    def __iter__(self) -> '_Endless':
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.epoch += 1
+            _set_epoch(self.loader, self.epoch)
+            self.iterator = iter(self.loader)
+            return next(self.iterator)
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    """``set_epoch`` on the loader's sampler (or its batch sampler's)."""
+    for sampler in (getattr(loader, 'sampler', None),
+                    getattr(
+                        getattr(loader, 'batch_sampler', None), 'sampler',
+                        None)):
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+            return
 
 
 class TaskLoaders:
@@ -151,7 +199,7 @@ class TaskLoaders:
         lengths = [len(loader) for loader in self.loaders.values()]
         return max(lengths) if self.length == 'max' else sum(lengths)
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> _TaskBatches:
         """Endless ``{task: batch}`` batches (see :class:`_TaskBatches`)."""
         return _TaskBatches(self)
 
@@ -241,6 +289,41 @@ def _reraise(err: Exception, prefix: str) -> None:
     except Exception:  # exceptions with unusual constructors
         new = RuntimeError(msg)
     raise new from err
+
+
+def train_loader_cfg(cfg: Any, task: str, seed: Optional[int],
+                     max_retries: int) -> Any:
+    """A task's training dataloader config, resumable and guarded.
+
+    The stock dataset is wrapped in a :class:`GuardedDataset` (samples load
+    with their own seeds; bad samples are replaced and reported) and the
+    stock batch sampler (or torch's default one) in a
+    :class:`ResumableBatchSampler` (endless, skippable without loading,
+    seeding every sample). A built ``DataLoader`` is returned as it is.
+    """
+    if not isinstance(cfg, Mapping):
+        return cfg
+    cfg = copy.deepcopy(dict(cfg))
+    dataset = cfg.get('dataset')
+    if isinstance(dataset,
+                  Mapping) and dataset.get('type') not in ('GuardedDataset',
+                                                           GuardedDataset):
+        if scope_of(dataset):
+            dataset = with_scope(dataset, '')
+        cfg['dataset'] = dict(
+            type='GuardedDataset',
+            dataset=dataset,
+            task=task,
+            max_retries=max_retries)
+    sampler = dict(
+        type='ResumableBatchSampler',
+        batch_sampler=cfg.pop('batch_sampler', None),
+        seed=seed,
+        stream=task)
+    if 'drop_last' in cfg:
+        sampler['drop_last'] = cfg.pop('drop_last')
+    cfg['batch_sampler'] = sampler
+    return cfg
 
 
 def build_task_loaders(runner, cfgs: Mapping[str, Union[DataLoader, dict]],
