@@ -66,7 +66,7 @@ def _train(cwd: Path,
     proc = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     if proc.returncode == killed and procs > 1:
-        assert 'Signals.SIGKILL' in proc.stdout + proc.stderr
+        assert 'Signal 9 (SIGKILL)' in proc.stdout + proc.stderr
         return -signal.SIGKILL
     if proc.returncode not in (0, -signal.SIGKILL):
         pytest.fail(f'train.py exited {proc.returncode}:\n'
