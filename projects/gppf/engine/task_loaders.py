@@ -175,8 +175,11 @@ class TaskLoaders:
 
     @property
     def batch_size(self) -> Dict[str, Optional[int]]:
-        """Batch size per task."""
-        return {t: ld.batch_size for t, ld in self.loaders.items()}
+        """Batch size per task (of its batch sampler, when it has one)."""
+        return {
+            t: ld.batch_size or getattr(ld.batch_sampler, 'batch_size', None)
+            for t, ld in self.loaders.items()
+        }
 
     def keys(self) -> List[str]:
         return list(self.loaders.keys())
