@@ -21,6 +21,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODELS
 from mmengine.utils import is_list_of
 
+from .nonfinite import NonFiniteGuard, scales_loss
 from .task_config import check_task_name, check_task_sets, with_scope
 from .task_context import current_task, use_task
 
@@ -84,6 +85,10 @@ class GPPF(BaseModel):
         sync_task_time (bool): Synchronise CUDA before reading each task's
             time in :meth:`train_step`, so ``<task>/time`` is the task's real
             cost. Default: True.
+        nonfinite (dict, optional): How a task whose loss, norm statistics
+            or gradient is not finite is skipped (:class:`NonFiniteGuard`):
+            ``dict(check_grads=True, max_consecutive=20)`` (the defaults).
+            The loss and statistics checks are always on.
         init_cfg (dict, optional): Initialisation config.
     """
 
@@ -94,6 +99,7 @@ class GPPF(BaseModel):
                  aux_loss_weight: float = 1.0,
                  data_preprocessor: Optional[dict] = None,
                  sync_task_time: bool = True,
+                 nonfinite: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
         if not isinstance(tasks, Mapping) or not tasks:
             raise ValueError('GPPF needs tasks=dict(<task name>=<model cfg>,'
@@ -115,6 +121,7 @@ class GPPF(BaseModel):
         self.loss_weights = _loss_weights(loss_weights, names)
         self.aux_loss_weight = float(aux_loss_weight)
         self.sync_task_time = sync_task_time
+        self.nonfinite = NonFiniteGuard.build(nonfinite)
 
         self.backbone = MODELS.build(_backbone_cfg(backbone, names))
         routes = getattr(self.backbone, 'tasks', None)
@@ -285,8 +292,15 @@ class GPPF(BaseModel):
                 method counts as one iteration.
 
         Returns:
-            dict: ``loss`` (weighted total), ``<task>/<loss name>`` and
-            ``<task>/time`` (seconds), ``router/loss_aux`` when present.
+            dict: ``loss`` (weighted total of the tasks not skipped),
+            ``<task>/<loss name>``, ``<task>/time`` (seconds) and
+            ``<task>/skipped`` (1 if the task's loss or gradient was not
+            finite, see :class:`NonFiniteGuard`), ``router/loss_aux`` and
+            ``router/skipped`` when present.
+
+        Raises:
+            RuntimeError: A task was skipped ``nonfinite.max_consecutive``
+                times in a row.
         """
         if not isinstance(data, Mapping) or not data:
             raise TypeError('GPPF.train_step expects a dict of batches keyed '
@@ -301,52 +315,94 @@ class GPPF(BaseModel):
         total = total + aux_vars.pop('loss', 0.0)
         log_vars.update(aux_vars)
         self.finish_step(optim_wrapper)
-        return OrderedDict([('loss', total)] + list(log_vars.items()))
+        out = OrderedDict([('loss', total)] + list(log_vars.items()))
+        self.nonfinite.record(out)
+        return out
 
-    def task_backward(self,
-                      task: str,
-                      data: Any,
-                      optim_wrapper: OptimWrapper,
-                      grad_scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    def task_backward(
+        self,
+        task: str,
+        data: Any,
+        optim_wrapper: OptimWrapper,
+        grad_scale: float = 1.0,
+        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Preprocess, forward, weigh and backward one task's batch.
 
         Gradients accumulate in ``.grad``; the optimizer does not step (see
         :meth:`finish_step`). ``grad_scale`` multiplies the loss before the
         backward only (a distributed wrapper passes ``1 / ranks running the
-        task``). Returns the task's detached, unscaled log variables:
-        ``loss`` (its weighted loss), ``<task>/<name>``, ``<task>/time``.
+        task``). If the loss, the norm statistics the forward updated or
+        the gradient is not finite, the task changes nothing
+        (:class:`NonFiniteGuard`); ``agree`` reduces the
+        0/1 flags over the ranks running the task (a distributed wrapper
+        passes an all-reduce ``MIN``). Returns the task's detached, unscaled
+        log variables: ``loss`` (its weighted loss, 0 if skipped),
+        ``<task>/<name>``, ``<task>/time``, ``<task>/skipped``.
         """
         task = self._task(task)
         _check_optim_wrapper(optim_wrapper)
         start = time.perf_counter()
+        saved = self.nonfinite.save_buffers(self)
         with optim_wrapper.optim_context(self):
             batch = self.data_preprocessor(data, True, task=task)
             losses = self(**batch, mode='loss', task=task)
         del batch
         loss, log_vars = self.parse_losses(losses)
         del losses
-        _backward_within_step(optim_wrapper, loss * grad_scale)
+        kept = self.nonfinite.backward(
+            task,
+            loss,
+            lambda x: _backward_within_step(optim_wrapper, x * grad_scale),
+            list(self.parameters()),
+            check_grads=not scales_loss(optim_wrapper),
+            agree=agree,
+            log_vars=log_vars,
+            saved=saved)
         del loss
+        if not kept:
+            self.nonfinite.discard(self, task, saved)
+            log_vars['loss'] = torch.zeros_like(log_vars['loss'])
+        del saved
         if self.sync_task_time and torch.cuda.is_available() and (
                 self.data_preprocessor.device.type == 'cuda'):
             torch.cuda.synchronize()
         out = OrderedDict((k, v.detach()) for k, v in log_vars.items())
         out[f'{task}/time'] = torch.tensor(time.perf_counter() - start)
+        out[f'{task}/skipped'] = torch.tensor(float(not kept))
         return out
 
-    def aux_backward(self,
-                     optim_wrapper: OptimWrapper,
-                     grad_scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    def aux_backward(
+        self,
+        optim_wrapper: OptimWrapper,
+        grad_scale: float = 1.0,
+        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Backward the backbone's auxiliary loss of the tasks run since the
         last call (no-op for a backbone without ``aux_loss``); the loss is
-        multiplied by ``grad_scale`` for the backward only."""
+        multiplied by ``grad_scale`` for the backward only. A non-finite
+        aux loss (or gradient) is skipped like a task's, as ``router``
+        (``agree`` as in :meth:`task_backward`, over all ranks)."""
         aux = self.aux_loss()
         if aux is None:
             return {}
+        kept = True
         if aux.requires_grad:
-            _backward_within_step(optim_wrapper, aux * grad_scale)
+            kept = self.nonfinite.backward(
+                'router',
+                aux,
+                lambda x: _backward_within_step(optim_wrapper, x * grad_scale),
+                list(self.parameters()),
+                check_grads=not scales_loss(optim_wrapper),
+                agree=agree,
+                log_vars={'router/loss_aux': aux})
         aux = aux.detach()
-        return OrderedDict(loss=aux, **{'router/loss_aux': aux})
+        return OrderedDict(
+            loss=aux if kept else torch.zeros_like(aux),
+            **{
+                'router/loss_aux': aux,
+                'router/skipped': torch.tensor(float(not kept))
+            })
 
     def finish_step(self,
                     optim_wrapper: OptimWrapper,

@@ -47,7 +47,9 @@ class SIMTDistributedWrapper(nn.Module):
 
     Per training iteration, on every rank: each of its tasks forward and
     backward (inside the task's process group, so stock heads' collectives
-    reach exactly the ranks running the task), the router's routes and call
+    reach exactly the ranks running the task; a task whose loss or gradient
+    is not finite on one of its ranks is skipped on all of them, see
+    :class:`NonFiniteGuard`), the router's routes and call
     counts are exchanged, the balance loss backward, then, when the optimizer
     is due to step, the gradients are synchronised (before unscaling and
     clipping), the optimizer steps, the norms' running statistics are
@@ -140,14 +142,17 @@ class SIMTDistributedWrapper(nn.Module):
                     task,
                     data[task],
                     optim_wrapper,
-                    grad_scale=1.0 / counts[task])
+                    grad_scale=1.0 / counts[task],
+                    agree=_all_ranks_finite)
             local[f'{task}/_weighted_loss'] = task_vars.pop('loss')
             local.update(task_vars)
         start = time.perf_counter()
         self._sync_routers()  # the first collective: waits for the slowest
         wait_time = time.perf_counter() - start
         aux_vars = self.module.aux_backward(
-            optim_wrapper, grad_scale=1.0 / self.world_size)
+            optim_wrapper,
+            grad_scale=1.0 / self.world_size,
+            agree=_all_ranks_finite)
         aux_vars.pop('loss', None)
         local.update(aux_vars)
         stats = dict(bytes=0, time=0.0)
@@ -169,7 +174,9 @@ class SIMTDistributedWrapper(nn.Module):
         local['dist/wait_time'] = torch.tensor(wait_time)
         local['dist/sync_time'] = torch.tensor(sync_time)
         local['dist/sync_mb'] = torch.tensor(stats['bytes'] / 2**20)
-        return self._gather_log_vars(local)
+        out = self._gather_log_vars(local)
+        self.module.nonfinite.record(out)  # the same counts on every rank
+        return out
 
     def _task_counts(self, tasks: List[str]) -> Dict[str, int]:
         """Ranks running each task this iteration (from the placement, or
@@ -243,3 +250,11 @@ class SIMTDistributedWrapper(nn.Module):
     def forward(self, *args, **kwargs) -> Any:
         """Forward of the wrapped model (no synchronisation)."""
         return self.module(*args, **kwargs)
+
+
+def _all_ranks_finite(flags: torch.Tensor) -> torch.Tensor:
+    """The minimum of each 0/1 flag over the ranks of the current default
+    group: the task's ranks inside ``default_group`` (every rank for the
+    router's loss), so all of them keep or drop the same gradients."""
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return flags
