@@ -389,11 +389,39 @@ class _DistRecordHook(Hook):
         }
 
 
-def _full_part_resumed(root, work_dir, placement, iters, stop, tag):
+@HOOKS.register_module()
+class _FixedTaskTimeHook(Hook):
+    """Replaces each task's measured time in the step's outputs by a fixed
+    cost before :class:`RuntimeInfoHook` logs it: re-planning then decides
+    the same in every run, whatever the load of the machine."""
+
+    priority = 'HIGHEST'
+
+    def __init__(self, costs):
+        self.costs = costs
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        for task, cost in self.costs.items():
+            if f'{task}/time' in outputs:
+                outputs[f'{task}/time'] = torch.tensor(float(cost))
+
+
+def _full_part_resumed(root,
+                       work_dir,
+                       placement,
+                       iters,
+                       stop,
+                       tag,
+                       costs=None):
     """Runner runs on this rank: ``full`` (``iters`` iterations), ``part``
     (stops at ``stop`` with a checkpoint) and ``resumed`` (from it to
-    ``iters``, validating at the end)."""
+    ``iters``, validating at the end). ``costs``: fixed task times logged
+    instead of the measured ones."""
     runs = {}
+    hooks = [dict(type='_DistRecordHook')]
+    if costs:
+        hooks.append(dict(type='_FixedTaskTimeHook', costs=costs))
     for name, max_iters, ckpt in (('full', iters, 1000), ('part', stop, stop),
                                   ('resumed', iters, 1000)):
         wd = Path(work_dir) / ('full' if name == 'full' else 'part')
@@ -406,7 +434,7 @@ def _full_part_resumed(root, work_dir, placement, iters, stop, tag):
             checkpoint_interval=ckpt,
             launcher='pytorch',
             model_wrapper_cfg=dict(type='SIMTDistributedWrapper'),
-            custom_hooks=[dict(type='_DistRecordHook')],
+            custom_hooks=hooks,
             experiment_name=f'{tag}_{name}')
         cfg['train_cfg']['placement'] = placement
         if name == 'resumed':
@@ -462,19 +490,23 @@ def test_runner_trains_resumes_and_validates_on_two_ranks(
 
 
 def _replan_worker(rank, world_size, root, work_dir, out_dir):
-    # Equal costs (the default): det and cls on rank 0, seg on rank 1.
+    # Equal costs (the default): det and cls on rank 0, seg on rank 1; the
+    # logged times say det costs as much as the two others together.
     placement = dict(type='split', report_interval=2, min_gain=0.0)
-    runs = _full_part_resumed(root, work_dir, placement, 6, 4, 'replan')
+    costs = dict(mnist_det=3.0, fmnist_seg=1.0, fmnist_cls=1.0)
+    runs = _full_part_resumed(root, work_dir, placement, 6, 4, 'replan',
+                              costs)
     torch.save(runs, Path(out_dir) / f'replan{rank}.pt')
 
 
 def test_replanning_moves_tasks_continues_their_data_and_resumes(
         tmp_path_factory, tmp_path):
-    """Equal costs put det and cls on rank 0: a report of the measured times
-    re-plans (det alone; rank 0 only drops a task, rank 1 gains one); moved
-    tasks continue their
-    index streams (no sample drawn twice within the epoch); a run resumed
-    at iteration 4 replays the plan history and logs the same losses."""
+    """Equal costs put det and cls on rank 0: the first report of the logged
+    times (det 3, the others 1) re-plans (det alone; rank 0 only drops a
+    task, rank 1 gains one) and later reports keep that plan; moved tasks
+    continue their index streams (no sample drawn twice within the epoch);
+    a run resumed at iteration 4 replays the plan history and logs the same
+    losses."""
     root = make_demo_data(tmp_path_factory.mktemp('gppf_replan'), 24)
     run_ranks(
         _replan_worker,
@@ -485,11 +517,9 @@ def test_replanning_moves_tasks_continues_their_data_and_resumes(
     runs = [torch.load(tmp_path / f'replan{r}.pt') for r in range(2)]
     full = runs[0]['full']
     first = [['mnist_det', 'fmnist_cls'], ['fmnist_seg']]
-    assert full['history'][0] == (0, first)
-    # Re-planned at a report (every 2 iterations; the first iteration's
-    # warm-up may hide the imbalance in the first window).
-    assert full['history'][1][0] in (2, 4), full['history']
-    assert ['mnist_det'] in full['history'][1][1], full['history']
+    assert full['history'] == [
+        (0, first), (2, [['mnist_det'], ['fmnist_cls', 'fmnist_seg']])
+    ]
     assert runs[1]['full']['history'] == full['history']
     # Every task's samples over both ranks: no repeat within the epoch.
     for task in TASKS:
