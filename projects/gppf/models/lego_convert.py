@@ -7,7 +7,8 @@
   after its lego layout is checked (``LegoResNet.set_extra_state``).
 - :func:`extract_task_state_dict` gathers one task's units (its noise-free or
   frozen route) into a dense state dict with stock ``ResNet`` key names and
-  shapes, folding the task's gates into the gated norms. A stock
+  shapes, folding the task's gates into the gated norms; norms that keep
+  statistics (or affine) per task give the task's own. A stock
   ``type='ResNet'`` backbone loaded with it computes what the LegoResNet
   computes for that task.
 """
@@ -18,6 +19,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .lego_layers import LegoBatchNorm, LegoConv2d, inflate_slots
+from .task_norm import TaskNormMixin
 
 if TYPE_CHECKING:
     from .lego_resnet import LegoResNet
@@ -86,12 +88,17 @@ def load_dense_or_lego(backbone: 'LegoResNet',
     else:
         slots = inflate_slots(backbone.num_legos, backbone.num_active)
         lego = {name: module for name, module, _, _ in lego_modules(backbone)}
+        # Norms with per-task tensors replicate the dense ones themselves.
+        task_norms = _task_norms(backbone)
         target = backbone.state_dict()
         shared, used, missing = {}, set(), []
         for key, value in state.items():
-            if key.rsplit('.', 1)[0] in lego:
+            owner = key.rsplit('.', 1)[0]
+            if owner in lego:
                 continue
-            if key in target:
+            if owner in task_norms:
+                shared[key] = value
+            elif key in target:
                 if value.shape != target[key].shape:
                     raise ValueError(f'{key}: expected shape '
                                      f'{tuple(target[key].shape)}, got '
@@ -118,9 +125,14 @@ def load_dense_or_lego(backbone: 'LegoResNet',
                 module.load_dense(dense, slots)
                 used.update(f'{name}.{t}' for t in dense)
         missing += [
+            f'{name}.{t}' for name in task_norms for t in _NORM_TENSORS[:4]
+            if f'{name}.{t}' not in state
+        ]
+        missing += [
             k for k in target if k not in used and not k.startswith('router.')
-            and not k.endswith('_extra_state') and k.rsplit(
-                '.', 1)[0] not in lego and k.rsplit('.', 2)[0] not in lego
+            and not k.endswith('_extra_state') and
+            not {k.rsplit('.', 1)[0], k.rsplit('.', 2)[0]}
+            & (set(lego) | set(task_norms))
         ]
         unexpected = [k for k in state if k not in used]
     if missing:
@@ -141,13 +153,17 @@ def extract_task_state_dict(backbone: 'LegoResNet',
     """One task's sub-network as a stock ResNet state dict (no prefix)."""
     route = backbone.router.greedy_route(task)
     units = route.indices.tolist()
+    t = backbone.router.task_index(task)
     out, lego = {}, set()
+    for name, module in _task_norms(backbone).items():
+        lego.add(name)
+        out.update({f'{name}.{k}': v for k, v in module.task_state(t).items()})
     for name, module, layer, gated in lego_modules(backbone):
         lego.add(name)
         if isinstance(module, LegoConv2d):
             out[f'{name}.weight'] = module.gather(units[layer])
             continue
-        tensors = module.gather(units[layer])
+        tensors = module.gather(units[layer], t)
         if gated:
             gates = route.gates[layer].repeat_interleave(module.unit_width)
             tensors['weight'] = tensors['weight'] * gates
@@ -160,3 +176,12 @@ def extract_task_state_dict(backbone: 'LegoResNet',
             continue
         out[key] = value
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _task_norms(backbone: 'LegoResNet') -> Dict[str, TaskNormMixin]:
+    """The backbone's norms with per-task tensors, by module name."""
+    return {
+        name: m
+        for name, m in backbone.named_modules()
+        if isinstance(m, TaskNormMixin)
+    }

@@ -8,8 +8,9 @@ dense convolution. Autograd's backward of ``cat`` hands each selected unit a
 view of the dense gradient, and the units outside the route get no gradient
 at all (``grad is None``), so optimizers leave them untouched (no weight
 decay, no momentum step) and no full-size gradient is zero-filled. Running
-statistics live in one ``N * u`` buffer per norm, gathered and written back
-with one ``index_select`` / ``index_copy_`` each. Plain torch; no registry.
+statistics live in one ``N * u`` buffer per norm (one row per task with
+``num_tasks``), gathered and written back with one ``index_select`` /
+``index_copy_`` each. Plain torch; no registry.
 """
 from typing import List, Optional, Sequence
 
@@ -150,17 +151,25 @@ class LegoBatchNorm(nn.Module):
         num_legos (int): Units (N).
         eps, momentum: As in :class:`torch.nn.BatchNorm2d`.
         requires_grad (bool): Whether the affine parameters train.
+        num_tasks (int, optional): Keep the statistics per task: shapes
+            ``(num_tasks, N * u)`` and ``(num_tasks, )``, the row
+            :attr:`task_index` used (set by the owner before the forward).
+            ``None``: one set for all tasks.
     """
+
+    task_index: int = 0
 
     def __init__(self,
                  unit_width: int,
                  num_legos: int,
                  eps: float = 1e-5,
                  momentum: float = 0.1,
-                 requires_grad: bool = True) -> None:
+                 requires_grad: bool = True,
+                 num_tasks: Optional[int] = None) -> None:
         super().__init__()
         self.unit_width = unit_width
         self.num_legos = num_legos
+        self.num_tasks = num_tasks
         self.eps = eps
         self.momentum = momentum
         self.weight = nn.ParameterList(
@@ -169,11 +178,12 @@ class LegoBatchNorm(nn.Module):
         self.bias = nn.ParameterList(
             nn.Parameter(torch.zeros(unit_width), requires_grad=requires_grad)
             for _ in range(num_legos))
-        size = unit_width * num_legos
+        rows = () if num_tasks is None else (num_tasks, )
+        size = rows + (unit_width * num_legos, )
         self.register_buffer('running_mean', torch.zeros(size))
         self.register_buffer('running_var', torch.ones(size))
         self.register_buffer('num_batches_tracked',
-                             torch.tensor(0, dtype=torch.long))
+                             torch.zeros(rows, dtype=torch.long))
 
     def reset_parameters(self) -> None:
         for weight, bias in zip(self.weight, self.bias):
@@ -197,29 +207,40 @@ class LegoBatchNorm(nn.Module):
         if gates is not None:
             weight = weight * gates
             bias = bias * gates
-        mean = self.running_mean.index_select(0, channels)
-        var = self.running_var.index_select(0, channels)
+        stats = self.task_stats(self.task_index)
+        mean = stats['running_mean'].index_select(0, channels)
+        var = stats['running_var'].index_select(0, channels)
         out = F.batch_norm(x, mean, var, weight, bias, self.training,
                            self.momentum, self.eps)
         if self.training:
             # F.batch_norm updated the gathered copies in place.
             with torch.no_grad():
-                self.running_mean.index_copy_(0, channels, mean)
-                self.running_var.index_copy_(0, channels, var)
-                self.num_batches_tracked.add_(1)
+                stats['running_mean'].index_copy_(0, channels, mean)
+                stats['running_var'].index_copy_(0, channels, var)
+                stats['num_batches_tracked'].add_(1)
         return out
 
-    def gather(self, units: Sequence[int]) -> dict:
-        """The route's dense ``weight``, ``bias`` and statistics."""
+    def task_stats(self, task_index: int) -> dict:
+        """Views of the statistics of task ``task_index`` (all of them when
+        they are not kept per task)."""
+        names = ('running_mean', 'running_var', 'num_batches_tracked')
+        if self.num_tasks is None:
+            return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name)[task_index] for name in names}
+
+    def gather(self, units: Sequence[int], task_index: int = 0) -> dict:
+        """The route's dense ``weight``, ``bias`` and the statistics of
+        task ``task_index``."""
         channels = route_channels(
             torch.as_tensor(list(units), device=self.running_mean.device),
             self.unit_width)
+        stats = self.task_stats(task_index)
         return dict(
             weight=torch.cat([self.weight[i] for i in units]),
             bias=torch.cat([self.bias[i] for i in units]),
-            running_mean=self.running_mean.index_select(0, channels),
-            running_var=self.running_var.index_select(0, channels),
-            num_batches_tracked=self.num_batches_tracked)
+            running_mean=stats['running_mean'].index_select(0, channels),
+            running_var=stats['running_var'].index_select(0, channels),
+            num_batches_tracked=stats['num_batches_tracked'].clone())
 
     def load_dense(self, dense: dict, slots: Sequence[int]) -> None:
         """Inflate from a dense norm's tensors: unit ``i`` <- ``slots[i]``."""
@@ -239,11 +260,23 @@ class LegoBatchNorm(nn.Module):
                 if 'bias' in dense:
                     self.bias[i].copy_(dense['bias'][part])
                 for stat in ('running_mean', 'running_var'):
-                    if stat in dense:
-                        getattr(self, stat)[mine] = dense[stat][part]
+                    if stat in dense:  # every task's row
+                        getattr(self, stat)[..., mine] = dense[stat][part]
             if 'num_batches_tracked' in dense:
                 self.num_batches_tracked.copy_(dense['num_batches_tracked'])
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
+                              **kwargs) -> None:
+        """Replicate statistics kept for all tasks over the task rows."""
+        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+            value = state_dict.get(prefix + name)
+            ours = getattr(self, name)
+            if (self.num_tasks is not None and value is not None
+                    and value.shape == ours.shape[1:]):
+                state_dict[prefix + name] = value.expand_as(ours).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f'units={self.num_legos}, unit_width={self.unit_width}, '
-                f'eps={self.eps}, momentum={self.momentum}')
+                f'eps={self.eps}, momentum={self.momentum}, '
+                f'num_tasks={self.num_tasks}')

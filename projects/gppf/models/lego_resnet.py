@@ -23,10 +23,13 @@ from .lego_layers import LegoBatchNorm, LegoConv2d, route_channels
 from .packed_state import pack_state, unpack_state
 from .router import TaskRouter
 from .task_context import current_task
+from .task_norm import (TaskNormMixin, affine_biases, affine_weights,
+                        task_norm_cfg)
 
 __all__ = ['LegoResNet']
 
 _UNIT_NORMS = ('BN', 'BN2d', 'SyncBN')
+_TASK_NORM = ('stats', 'affine', 'shared')
 # Stock ResNet arguments accepted only when they are switched off.
 _OFF_ARGS = {
     'dcn': (None, ),
@@ -53,6 +56,12 @@ class LegoResNet(BaseModule):
             active (downstream use of a pre-trained lego backbone).
         router (dict): Extra arguments of :class:`TaskRouter`
             (``temperature``, ``noise_std``, ``balance_weight``, ...).
+        task_norm (str, optional): What the batch norms keep per task:
+            ``'stats'`` (running statistics; affine shared), ``'affine'``
+            (statistics and the shared norms' affine) or ``'shared'``
+            (nothing: one set for all tasks). The active task's set is used
+            in training and in evaluation. Default: ``'stats'`` with
+            several tasks, else ``'shared'``.
         in_channels, stem_channels, base_channels, num_stages, strides,
         dilations, out_indices, style, deep_stem, avg_down, frozen_stages,
         conv_cfg, norm_cfg, norm_eval, with_cp, zero_init_residual,
@@ -61,8 +70,9 @@ class LegoResNet(BaseModule):
             loads a LegoResNet checkpoint or inflates a dense ResNet one
             (torchvision or OpenMMLab keys) into the units.
 
-    Lego units keep per-unit BatchNorm statistics; with ``SyncBN`` the shared
-    norms synchronise and the unit norms stay per-rank.
+    Lego units keep per-unit BatchNorm statistics (per task and unit with
+    ``task_norm`` not ``'shared'``; see :mod:`.task_norm`); with ``SyncBN``
+    the shared norms synchronise and the unit norms stay per-rank.
     """
 
     arch_settings = {
@@ -80,6 +90,7 @@ class LegoResNet(BaseModule):
                  tasks: Sequence[str] = ('default', ),
                  task: Optional[str] = None,
                  router: Optional[dict] = None,
+                 task_norm: Optional[str] = None,
                  in_channels: int = 3,
                  stem_channels: Optional[int] = None,
                  base_channels: int = 64,
@@ -135,6 +146,12 @@ class LegoResNet(BaseModule):
         tasks = list(tasks)
         if task is not None and task not in tasks:
             raise KeyError(f'task={task!r} is not one of tasks={tasks}')
+        if task_norm is None:
+            task_norm = 'stats' if len(tasks) > 1 else 'shared'
+        if task_norm not in _TASK_NORM:
+            raise ValueError(f'task_norm must be one of {_TASK_NORM}, got '
+                             f'{task_norm!r}')
+        self.task_norm = task_norm
         self.depth = depth
         self.num_legos = num_legos
         self.num_active = num_active
@@ -150,7 +167,8 @@ class LegoResNet(BaseModule):
         self.avg_down = avg_down
         self.frozen_stages = frozen_stages
         self.conv_cfg = conv_cfg
-        self.norm_cfg = norm_cfg
+        self.norm_cfg = norm_cfg if task_norm == 'shared' else task_norm_cfg(
+            norm_cfg, len(tasks), task_norm == 'affine')
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.zero_init_residual = zero_init_residual
@@ -159,7 +177,8 @@ class LegoResNet(BaseModule):
         unit_norm = dict(
             eps=norm_cfg.get('eps', 1e-5),
             momentum=norm_cfg.get('momentum', 0.1),
-            requires_grad=norm_cfg.get('requires_grad', True))
+            requires_grad=norm_cfg.get('requires_grad', True),
+            num_tasks=None if task_norm == 'shared' else len(tasks))
 
         self._make_stem(in_channels, self.stem_channels)
         self.res_layers: List[str] = []
@@ -182,6 +201,11 @@ class LegoResNet(BaseModule):
         self.feat_dim = self.stage_channels[-1]
         self.router = TaskRouter(tasks, sum(self.stage_blocks), num_legos,
                                  num_active, **(router or {}))
+        #: the norms that keep statistics per task, told the active task
+        self.task_norm_modules = [
+            m for m in self.modules() if isinstance(m, TaskNormMixin) or (
+                isinstance(m, LegoBatchNorm) and m.num_tasks is not None)
+        ]
         self._freeze_stages()
 
     # ------------------------------------------------------------ building
@@ -303,8 +327,12 @@ class LegoResNet(BaseModule):
         """Args: x (B, C, H, W). Returns the ``out_indices`` feature maps,
         ``(B, out_channels[i], H / 2**(i+2), W / 2**(i+2))`` at stride 1/2/2/2.
         """
-        route = self.router(self.active_task())
+        task = self.active_task()
+        route = self.router(task)
         units = route.indices.tolist()  # the one host sync of the route
+        task_index = self.router.task_index(task)
+        for norm in self.task_norm_modules:
+            norm.task_index = task_index
         if self.deep_stem:
             x = self.stem(x)
         else:
@@ -368,11 +396,14 @@ class LegoResNet(BaseModule):
                 elif isinstance(m, (LegoConv2d, LegoBatchNorm)):
                     m.reset_parameters()
                 elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
+                    for weight in affine_weights(m):
+                        nn.init.constant_(weight, 1)
+                    for bias in affine_biases(m):
+                        nn.init.constant_(bias, 0)
             if self.zero_init_residual:
                 for block in self.blocks():
-                    nn.init.constant_(block.last_norm.weight, 0)
+                    for weight in affine_weights(block.last_norm):
+                        nn.init.constant_(weight, 0)
             self.router.reset_logits()
         self._is_init = True
 
@@ -387,7 +418,8 @@ class LegoResNet(BaseModule):
             avg_down=self.avg_down,
             num_legos=self.num_legos,
             num_active=self.num_active,
-            tasks=list(self.tasks))
+            tasks=list(self.tasks),
+            task_norm=self.task_norm)
 
     def get_extra_state(self) -> torch.Tensor:
         return pack_state(dict(lego_layout=self.lego_layout()))
@@ -395,6 +427,17 @@ class LegoResNet(BaseModule):
     def set_extra_state(self, state: Union[torch.Tensor, dict]) -> None:
         given = unpack_state(state).get('lego_layout')
         expected = self.lego_layout()
+        if given is not None and 'task_norm' not in given:
+            # A checkpoint from before per-task norms: one set of
+            # statistics, which the norms replicate over the tasks.
+            given = dict(given, task_norm='shared')
+            if self.task_norm != 'shared':
+                print_log(
+                    'LegoResNet: the checkpoint keeps one set of norm '
+                    'statistics for all tasks; replicated per task '
+                    f'(task_norm={self.task_norm!r})',
+                    logger='current')
+                given['task_norm'] = self.task_norm
         if given is not None and given != expected:
             diff = {
                 k: (expected.get(k), given.get(k))

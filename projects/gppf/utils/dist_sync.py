@@ -65,7 +65,10 @@ class NormStatsSync:
 
     Forward pre-hooks record, per norm, which channels ran in training
     mode on this rank: all of a stock ``_BatchNorm`` (stem, downsample and
-    head norms), the route's channels of a lego norm. :meth:`sync` then
+    head norms), the route's channels of a lego norm; of a norm that keeps
+    statistics per task, only the row of the task it ran (so each task's
+    statistics are averaged over the ranks that ran the task).
+    :meth:`sync` then
     replaces each running mean/var element by its mean over the ranks that
     updated it and leaves the others (identical on every rank) alone;
     ``num_batches_tracked`` takes the maximum. With equal per-rank batches
@@ -93,16 +96,25 @@ class NormStatsSync:
                 m.register_forward_pre_hook(
                     self._lego_hook if lego else self._stock_hook)
 
+    def _row(self, m: nn.Module) -> torch.Tensor:
+        """The mask of the statistics ``m`` updates in this forward: the
+        active task's row when it keeps statistics per task."""
+        mask = self.masks[id(m)]
+        if not isinstance(mask, torch.Tensor):
+            mask = self.masks[id(m)] = torch.zeros_like(
+                m.running_mean, dtype=torch.float)
+        return mask[m.task_index] if mask.dim() == 2 else mask
+
     def _stock_hook(self, m: nn.Module, args: tuple) -> None:
         if m.training:
-            self.masks[id(m)] = True
+            if m.running_mean.dim() == 2:  # per task
+                self._row(m).fill_(1.0)
+            else:
+                self.masks[id(m)] = True
 
     def _lego_hook(self, m: nn.Module, args: tuple) -> None:
         if m.training:
-            mask = self.masks[id(m)]
-            if mask is None:
-                mask = self.masks[id(m)] = torch.zeros_like(m.running_mean)
-            mask.index_fill_(0, args[2], 1.0)
+            self._row(m).index_fill_(0, args[2], 1.0)
 
     def sync(self, group: Optional[ProcessGroup] = None) -> int:
         """Average the statistics updated since the last call.
@@ -119,8 +131,8 @@ class NormStatsSync:
                 fill = torch.ones_like if mask else torch.zeros_like
                 mask = fill(m.running_mean)
             for stat in (m.running_mean, m.running_var):
-                values.append(stat.float() * mask)
-                masks.append(mask.float())
+                values.append((stat.float() * mask).flatten())
+                masks.append(mask.float().flatten())
         n = sum(v.numel() for v in values)
         flat = torch.cat(values + masks)
         dist.all_reduce(flat, group=group)
@@ -132,14 +144,18 @@ class NormStatsSync:
                 k = stat.numel()
                 part = slice(offset, offset + k)
                 stat.copy_(
-                    torch.where(count[part] > 0, avg[part].view_as(stat),
-                                stat))
+                    torch.where(count[part].view_as(stat) > 0,
+                                avg[part].view_as(stat), stat))
                 offset += k
             self.masks[id(m)] = None
-        tracked = torch.stack([m.num_batches_tracked for m in self.norms])
+        tracked = torch.cat(
+            [m.num_batches_tracked.flatten() for m in self.norms])
         dist.all_reduce(tracked, op=dist.ReduceOp.MAX, group=group)
-        for m, value in zip(self.norms, tracked):
-            m.num_batches_tracked.copy_(value)
+        for m, value in zip(
+                self.norms,
+                tracked.split(
+                    [m.num_batches_tracked.numel() for m in self.norms])):
+            m.num_batches_tracked.copy_(value.view_as(m.num_batches_tracked))
         return (flat.numel() * flat.element_size() +
                 tracked.numel() * tracked.element_size())
 
