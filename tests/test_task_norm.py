@@ -243,3 +243,78 @@ def test_statistics_synchronise_per_task_over_the_ranks_that_ran_it(tmp_path):
             assert torch.equal(r[name][1], r1['before'][name][1])
             assert torch.equal(r[name][2], r0['before'][name][2])
     assert r0['tracked'].tolist() == r1['tracked'].tolist() == [1, 1, 0]
+
+
+def _pretrained(tmp_path, task_norm):
+    """A 3-task backbone with distinct routes and statistics per task,
+    saved as a whole-model checkpoint."""
+    model = _backbone(task_norm)
+    with torch.no_grad():
+        model.router.logits.normal_(0, 1)
+        if task_norm == 'affine':
+            for t in range(3):
+                model.bn1.task_weight[t].mul_(t + 2)
+    for t, task in enumerate(TASKS):
+        with use_task(task):
+            model(torch.randn(2, 3, 64, 64, dtype=torch.float64) * (t + 1))
+    path = tmp_path / f'{task_norm}.pth'
+    torch.save(
+        dict(state_dict={
+            f'backbone.{k}': v
+            for k, v in model.state_dict().items()
+        }), path)
+    return model, path
+
+
+@pytest.mark.parametrize('task_norm', ['stats', 'affine'])
+@pytest.mark.parametrize('tasks', [('trees', ), ('trees', 'seg')])
+def test_a_new_task_starts_from_a_named_tasks_route_and_statistics(
+        tmp_path, task_norm, tasks):
+    """``init_cfg.task_map``: the new task computes, in evaluation, what
+    its source task computed (route, gates, statistics, affine); the tasks
+    kept by name keep theirs."""
+    source, path = _pretrained(tmp_path, task_norm)
+    model = LegoResNet(
+        18,
+        base_channels=8,
+        tasks=tasks,
+        task_norm=None if len(tasks) == 1 else task_norm,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint=str(path),
+            prefix='backbone.',
+            task_map=dict(trees='det'))).double()
+    model.init_weights()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for task, origin in zip(tasks, ('det', 'seg')):
+        assert torch.equal(
+            model.router.greedy_indices(task),
+            source.router.greedy_indices(origin))
+        for a, b in zip(
+                _eval_outputs(model, task, x),
+                _eval_outputs(source, origin, x)):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_task_mapped_to_nothing_names_the_fix(tmp_path):
+    _, path = _pretrained(tmp_path, 'stats')
+    init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    model = LegoResNet(
+        18, base_channels=8, tasks=('trees', ), init_cfg=init_cfg)
+    with pytest.raises(KeyError, match=r"task_map=dict\(trees="):
+        model.init_weights()
+    model = LegoResNet(
+        18,
+        base_channels=8,
+        tasks=('trees', ),
+        init_cfg=dict(init_cfg, task_map=dict(trees='sky')))
+    with pytest.raises(KeyError, match="'sky', which the checkpoint"):
+        model.init_weights()
+    model = LegoResNet(
+        18,
+        base_channels=8,
+        tasks=('trees', 'seg'),
+        task_norm='shared',
+        init_cfg=dict(init_cfg, task_map=dict(trees='det')))
+    with pytest.raises(ValueError, match='cannot take them for its 2 tasks'):
+        model.init_weights()

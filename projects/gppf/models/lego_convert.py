@@ -12,14 +12,17 @@
   ``type='ResNet'`` backbone loaded with it computes what the LegoResNet
   computes for that task.
 """
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Dict, Iterator, Mapping, Optional, Tuple,
+                    Union)
 
 import torch
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .lego_layers import LegoBatchNorm, LegoConv2d, inflate_slots
+from .packed_state import unpack_state
 from .task_norm import TaskNormMixin
+from .task_remap import remap_tasks
 
 if TYPE_CHECKING:
     from .lego_resnet import LegoResNet
@@ -75,13 +78,24 @@ def lego_modules(
 
 
 def load_dense_or_lego(backbone: 'LegoResNet',
-                       state: Dict[str, torch.Tensor]) -> None:
+                       state: Dict[str, torch.Tensor],
+                       task_map: Optional[Mapping[str, str]] = None) -> None:
     """Load a LegoResNet state dict, or inflate a dense ResNet one.
+
+    A LegoResNet state dict of other tasks gives each of the backbone's
+    tasks the route and norm statistics of the checkpoint task
+    ``task_map`` names (by default the task of the same name; see
+    :func:`remap_tasks`).
 
     Raises:
         ValueError: a tensor's shape fits neither layout (names the key and
             the expected and given shapes), or the lego layout differs.
+        KeyError: a task maps to no task of the checkpoint.
     """
+    if '_extra_state' in state:
+        given = unpack_state(state['_extra_state']).get('lego_layout', {})
+        if task_map or given.get('tasks', backbone.tasks) != backbone.tasks:
+            state = remap_tasks(backbone, state, task_map or {})
     if 'router.logits' in state or '_extra_state' in state:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('router.')]

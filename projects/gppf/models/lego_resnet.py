@@ -68,7 +68,10 @@ class LegoResNet(BaseModule):
         contract_dilation, multi_grid, init_cfg: As in mmdet/mmseg ``ResNet``.
             ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)``
             loads a LegoResNet checkpoint or inflates a dense ResNet one
-            (torchvision or OpenMMLab keys) into the units.
+            (torchvision or OpenMMLab keys) into the units; with
+            ``task_map=dict(<task>=<checkpoint task>)`` a task the
+            checkpoint never saw starts from that task's route and norm
+            statistics.
 
     Lego units keep per-unit BatchNorm statistics (per task and unit with
     ``task_norm`` not ``'shared'``; see :mod:`.task_norm`); with ``SyncBN``
@@ -384,7 +387,7 @@ class LegoResNet(BaseModule):
                 'type') == 'Pretrained':
             state = read_state_dict(self.init_cfg['checkpoint'],
                                     self.init_cfg.get('prefix'))
-            load_dense_or_lego(self, state)
+            load_dense_or_lego(self, state, self.init_cfg.get('task_map'))
             print_log(
                 f'LegoResNet loaded {self.init_cfg["checkpoint"]}',
                 logger='current')
