@@ -26,7 +26,7 @@ __infinite = dict(type='InfiniteSampler', shuffle=True)
 model = dict(
     type='GPPF',
     # One shared backbone; with num_active=2 of num_legos=4 units, each
-    # task's sub-network is exactly a ResNet-50 (see projects/gppf/README).
+    # task's sub-network is exactly a ResNet-50 (see docs/lego_resnet.md).
     backbone=dict(
         type='LegoResNet',
         depth=50,

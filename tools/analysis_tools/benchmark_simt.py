@@ -16,7 +16,7 @@ allocator's running total recorded by the PyTorch profiler).
 Example::
 
     python tools/analysis_tools/benchmark_simt.py \
-        configs/gppf/gppf_r18_1xb8-600i_gppf-demo.py --iters 10
+        configs/gppf/gppf_lego-r18_1xb8-8-32-1k_gppf-demo.py --iters 10
 """
 import argparse
 import copy
