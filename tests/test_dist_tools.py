@@ -6,7 +6,6 @@ port and a timeout, so a hang fails the test instead of blocking.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist_common import free_port
 from _simt_common import REPO, make_demo_data, runner_cfg
 from mmengine.config import Config
 
@@ -25,12 +25,6 @@ DIST_TEST = REPO / 'tools' / 'dist_test.sh'
 DEMO_CONFIG = 'configs/gppf/gppf_lego-r18_1xb8-8-32-1k_gppf-demo.py'
 NO_CUDA = 'Found no NVIDIA driver'
 WRAPPER_ERROR = 'TypeError: SIMTTrainLoop: the model is wrapped by'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:

@@ -141,7 +141,13 @@ def test_demo_config_trains_and_evaluates(tmp_path):
     assert set(runner.train_loop.tasks) == set(TASKS)
     ckpt = torch.load(work / 'iter_2.pth', weights_only=True)
     assert any(k.startswith('backbone.router') for k in ckpt['state_dict'])
-    assert copy.deepcopy(runner.model) is not None
+    # A deep copy (EMA-style hooks make one) keeps one shared backbone.
+    clone = copy.deepcopy(runner.model)
+    assert clone.backbone is not runner.model.backbone
+    assert all(m.backbone is clone.backbone for m in clone.tasks.values())
+    for (key, a), b in zip(runner.model.state_dict().items(),
+                           clone.state_dict().values()):
+        assert torch.equal(a, b), key
 
     # tools/test.py evaluates the checkpoint on every task.
     from tools.test import main as test_main

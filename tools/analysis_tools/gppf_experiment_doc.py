@@ -120,9 +120,8 @@ def _routes(s: Settings, records: Dict[str, dict], ctx: dict) -> List[str]:
         return []
     lines = ctx['router_lines'] + [
         '', '`TaskRouterHook` scalars at the last logged iteration, read '
-        'from the message hub saved in each final checkpoint (they are '
-        'not in `vis_data/scalars.json`: mmengine\'s `LoggerHook` writes '
-        'only `train/`-prefixed keys). `router/<task>/unit<n>`: share '
+        'from the message hub saved in each final checkpoint. '
+        '`router/<task>/unit<n>`: share '
         'of lego layers whose route uses unit n; `router/overlap`: mean '
         'over task pairs of the share of active units two tasks share '
         '(random routes: k/N on average; 1 when N = k). "moved": lego '
