@@ -1,4 +1,5 @@
 """TaskRouterHook: warm-up, annealing, freezing, scalars, heatmaps, state."""
+import json
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,14 @@ def test_schedule_freeze_scalars_and_heatmaps(tmp_path, fmnist_cls):
     hub = runner.message_hub
     share = [hub.get_scalar(f'router/a/unit{n}').current() for n in range(4)]
     assert sum(share) == pytest.approx(2.0)  # k=2 units active per layer
+    # The visualizer's scalars file holds them at every logged iteration.
+    logged = [
+        json.loads(line) for path in tmp_path.glob('*/vis_data/scalars.json')
+        for line in path.read_text().splitlines()
+    ]
+    routed = [e for e in logged if 'router/overlap' in e]
+    assert [e['step'] for e in routed] == list(range(1, 9))
+    assert routed[-1]['router/a/unit0'] == share[0]
     assert (tmp_path / 'route_heatmaps' / 'route_heatmap_iter_8.png').exists()
     ckpt = torch.load(tmp_path / 'iter_8.pth', weights_only=True)
     assert 'task_router_hook' in ckpt

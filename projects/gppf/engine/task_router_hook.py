@@ -128,16 +128,22 @@ class TaskRouterHook(Hook):
                          outputs=None) -> None:
         if not self.every_n_train_iters(runner, self.log_interval):
             return
-        hub = runner.message_hub
+        scalars = {}
         for router in self.routers(runner):
             usage = router.usage()
             for task, table in usage.items():
                 share = table.mean(0)  # (N,) share of layers using each unit
                 for n, value in enumerate(share.tolist()):
-                    hub.update_scalar(f'router/{task}/unit{n}', value)
-            hub.update_scalar('router/overlap', _mean_overlap(usage))
-            hub.update_scalar('router/temperature', router.temperature)
-            hub.update_scalar('router/noise_std', router.noise_std)
+                    scalars[f'router/{task}/unit{n}'] = value
+            scalars['router/overlap'] = _mean_overlap(usage)
+            scalars['router/temperature'] = router.temperature
+            scalars['router/noise_std'] = router.noise_std
+        # The message hub keeps them in the checkpoint; the logger writes
+        # only ``train/`` keys, so they reach the visualizer's backends
+        # (vis_data/scalars.json, TensorBoard, ...) directly.
+        for key, value in scalars.items():
+            runner.message_hub.update_scalar(key, value)
+        runner.visualizer.add_scalars(scalars, step=runner.iter + 1)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint['task_router_hook'] = dict(warm_frozen=self._warm_frozen)
