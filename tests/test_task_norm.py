@@ -318,3 +318,22 @@ def test_a_task_mapped_to_nothing_names_the_fix(tmp_path):
         init_cfg=dict(init_cfg, task_map=dict(trees='det')))
     with pytest.raises(ValueError, match='cannot take them for its 2 tasks'):
         model.init_weights()
+
+
+def test_task_sync_norm_survives_mmengines_single_process_revert():
+    """mmengine reverts SyncBN to BN when not distributed; the per-task
+    SyncBN keeps its rows and computes what TaskBN computes."""
+    from mmengine.model import revert_sync_batchnorm
+    model = LegoResNet(
+        18, base_channels=8, tasks=TASKS, norm_cfg=dict(type='SyncBN'))
+    model = revert_sync_batchnorm(model)
+    assert type(model.bn1).__name__ == 'TaskSyncBatchNorm'
+    reference = LegoResNet(18, base_channels=8, tasks=TASKS)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for task in TASKS:
+        with use_task(task):
+            for a, b in zip(model(x), reference(x)):
+                torch.testing.assert_close(a, b)
+    torch.testing.assert_close(model.bn1.running_mean,
+                               reference.bn1.running_mean)

@@ -34,6 +34,8 @@ class TaskNormMixin:
 
     num_features: int
     task_index: int = 0
+    #: the stock forward run on the task's row
+    _norm_forward = nn.BatchNorm2d.forward
 
     def _init_tasks(self, num_tasks: int, task_affine: bool) -> None:
         if num_tasks < 1:
@@ -87,7 +89,7 @@ class TaskNormMixin:
         if self.task_affine:
             self.weight, self.bias = self.task_weight[t], self.task_bias[t]
         try:
-            return super().forward(x)
+            return self._norm_forward(x)
         finally:
             for name, value in full.items():
                 setattr(self, name, value)
@@ -139,18 +141,18 @@ class TaskBatchNorm2d(TaskNormMixin, nn.BatchNorm2d):
 
 
 @MODELS.register_module('TaskSyncBN')
-class TaskSyncBatchNorm(TaskNormMixin, nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` with statistics per task (see the module); the
+class TaskSyncBatchNorm(TaskBatchNorm2d):
+    """:class:`TaskBatchNorm2d` whose forward is ``nn.SyncBatchNorm``'s: the
     batch statistics synchronise over the default process group, which
-    distributed SIMT scopes to the ranks running the task."""
+    distributed SIMT scopes to the ranks running the task; without a
+    process group it is plain batch norm. Not an ``nn.SyncBatchNorm``, so
+    mmengine's ``revert_sync_batchnorm`` (single-process runs) keeps it."""
 
-    def __init__(self,
-                 num_features: int,
-                 num_tasks: int = 1,
-                 task_affine: bool = False,
-                 **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
-        self._init_tasks(num_tasks, task_affine)
+    process_group = None
+    # Called by SyncBatchNorm.forward; torch's own helper.
+    _check_non_zero_input_channels = (
+        nn.SyncBatchNorm._check_non_zero_input_channels)
+    _norm_forward = nn.SyncBatchNorm.forward
 
 
 #: stock norm type -> its per-task twin
