@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['route_channels', 'inflate_slots', 'LegoConv2d', 'LegoBatchNorm']
+__all__ = [
+    'route_channels', 'inflate_slots', 'replicate_task_rows', 'LegoConv2d',
+    'LegoBatchNorm'
+]
 
 
 def route_channels(indices: torch.Tensor, unit_width: int) -> torch.Tensor:
@@ -34,6 +37,17 @@ def inflate_slots(num_legos: int, num_active: int) -> List[int]:
     once reproduces the dense layer (up to a permutation of hidden channels).
     """
     return [i % num_active for i in range(num_legos)]
+
+
+def replicate_task_rows(module: nn.Module, state_dict: dict,
+                        prefix: str) -> None:
+    """In ``state_dict``, repeat statistics kept for all tasks (one row
+    less than ``module``'s per-task buffers) over the task rows."""
+    for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        value = state_dict.get(prefix + name)
+        ours = getattr(module, name)
+        if value is not None and value.shape == ours.shape[1:]:
+            state_dict[prefix + name] = value.expand_as(ours).clone()
 
 
 class LegoConv2d(nn.Module):
@@ -268,12 +282,8 @@ class LegoBatchNorm(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
                               **kwargs) -> None:
         """Replicate statistics kept for all tasks over the task rows."""
-        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
-            value = state_dict.get(prefix + name)
-            ours = getattr(self, name)
-            if (self.num_tasks is not None and value is not None
-                    and value.shape == ours.shape[1:]):
-                state_dict[prefix + name] = value.expand_as(ours).clone()
+        if self.num_tasks is not None:
+            replicate_task_rows(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

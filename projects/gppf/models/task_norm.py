@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from mmengine.registry import MODELS
 
+from .lego_layers import replicate_task_rows
+
 __all__ = [
     'TaskNormMixin', 'TaskBatchNorm2d', 'TaskSyncBatchNorm', 'TASK_NORMS',
     'task_norm_cfg', 'affine_weights', 'affine_biases'
@@ -100,11 +102,7 @@ class TaskNormMixin:
                               **kwargs) -> None:
         """Replicate a stock norm's ``(C, )`` statistics (and shared affine,
         when the affine is per task) over the tasks."""
-        for name in _STATS:
-            value = state_dict.get(prefix + name)
-            ours = getattr(self, name)
-            if value is not None and value.shape == ours.shape[1:]:
-                state_dict[prefix + name] = value.expand_as(ours).clone()
+        replicate_task_rows(self, state_dict, prefix)
         if self.task_affine:
             for name, plist in (('weight', self.task_weight),
                                 ('bias', self.task_bias)):
