@@ -10,7 +10,7 @@ from mmpretrain.models.backbones import ResNet as ClsResNet
 
 from projects.gppf import (LegoResNet, extract_task_state_dict,
                            load_dense_or_lego, use_task)
-from projects.gppf.models.lego_convert import lego_modules
+from projects.gppf.models.lego.convert import lego_modules
 
 
 def _lego(depth=18, **kwargs):

@@ -29,7 +29,7 @@ import projects.gppf.engine  # noqa: F401
 from projects.gppf.engine.task_loaders import shard_sampler
 from projects.gppf.engine.task_placement import plan_placement, ranks_of
 from projects.gppf.models import SIMTDistributedWrapper
-from projects.gppf.models.lego_layers import LegoBatchNorm
+from projects.gppf.models.lego.layers import LegoBatchNorm
 from projects.gppf.utils.dist_sync import NormStatsSync, default_group
 
 ITERS = 2

@@ -11,10 +11,10 @@ from mmdet.models.backbones import ResNet as DenseResNet
 from mmengine.logging import MMLogger
 
 from projects.gppf import LegoResNet, extract_task_state_dict, use_task
-from projects.gppf.models.lego_convert import load_dense_or_lego
-from projects.gppf.models.lego_layers import LegoBatchNorm, route_channels
-from projects.gppf.models.packed_state import pack_state
-from projects.gppf.models.task_norm import TaskBatchNorm2d
+from projects.gppf.models.lego.convert import load_dense_or_lego
+from projects.gppf.models.lego.layers import LegoBatchNorm, route_channels
+from projects.gppf.models.lego.packed_state import pack_state
+from projects.gppf.models.lego.task_norm import TaskBatchNorm2d
 from projects.gppf.utils.dist_sync import NormStatsSync
 
 TASKS = ('det', 'seg', 'cls')

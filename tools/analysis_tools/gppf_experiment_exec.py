@@ -173,7 +173,7 @@ def router_summary(checkpoint: str, seed: int, router_cfg: dict,
     import torch
 
     import projects.gppf  # noqa: F401  (weights-only loading globals)
-    from projects.gppf.models.router import TaskRouter
+    from projects.gppf.models.lego.router import TaskRouter
     ckpt = torch.load(checkpoint, map_location='cpu')
     state = ckpt['state_dict']
     prefix = 'backbone.router.'

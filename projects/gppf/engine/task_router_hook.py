@@ -12,7 +12,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.utils import mkdir_or_exist
 
-from ..models.router import TaskRouter
+from ..models.lego.router import TaskRouter
 
 __all__ = ['TaskRouterHook']
 

@@ -1,10 +1,9 @@
 from .data_preprocessor import MultiTaskDataPreprocessor
 from .gppf import GPPF, SharedBackboneSlot
-from .lego_convert import (extract_task_state_dict, load_dense_or_lego,
-                           read_state_dict)
-from .lego_resnet import LegoResNet
-from .packed_state import pack_state, unpack_state
-from .router import Route, TaskRouter
+from .backbones import LegoResNet
+from .lego import (Route, TaskRouter, extract_task_state_dict,
+                   load_dense_or_lego, pack_state, read_state_dict,
+                   unpack_state)
 from .simt_wrapper import SIMTDistributedWrapper
 from .task_config import check_task_sets, scope_of, with_scope
 from .task_context import current_task, use_task

@@ -38,7 +38,7 @@ import torch.nn as nn
 from mmengine.logging import MessageHub, print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
-from .router import TaskRouter
+from .lego.router import TaskRouter
 
 __all__ = ['NonFiniteGuard', 'all_finite', 'scales_loss', 'INFO_KEY']
 

@@ -30,7 +30,7 @@ from mmengine.registry import MODEL_WRAPPERS
 
 from ..utils.dist_sync import (NormStatsSync, default_group,
                                params_requiring_grad, sync_partial_grads)
-from .router import TaskRouter
+from .lego.router import TaskRouter
 from .task_context import current_task
 
 __all__ = ['SIMTDistributedWrapper']

@@ -82,7 +82,7 @@ class NormStatsSync:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        from ..models.lego_layers import LegoBatchNorm
+        from ..models.lego.layers import LegoBatchNorm
         self.norms: List[nn.Module] = []
         # Per norm: None (not updated), True (all of a stock norm) or the
         # channel mask of a lego norm.

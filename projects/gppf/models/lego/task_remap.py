@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Dict, List, Mapping
 
 import torch
 
-from .lego_layers import LegoBatchNorm
+from .layers import LegoBatchNorm
 from .packed_state import pack_state, unpack_state
 from .task_norm import TaskNormMixin
 
 if TYPE_CHECKING:
-    from .lego_resnet import LegoResNet
+    from ..backbones.lego_resnet import LegoResNet
 
 __all__ = ['remap_tasks']
 

@@ -5,7 +5,7 @@ same arguments and outputs, plus ``num_legos``, ``num_active``, ``tasks`` and
 ``task``. Each block is one lego layer; a task's route picks ``num_active`` of
 its ``num_legos`` units. With the default shape (``num_active=2``) a task's
 active width equals the stock ResNet's, so its sub-network *is* a stock ResNet
-(see :mod:`projects.gppf.models.lego_convert`) and costs what it costs.
+(see :mod:`projects.gppf.models.lego.convert`) and costs what it costs.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,13 +17,13 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .lego_blocks import LegoBasicBlock, LegoBottleneck
-from .lego_convert import load_dense_or_lego, read_state_dict
-from .lego_layers import LegoBatchNorm, LegoConv2d, route_channels
-from .packed_state import pack_state, unpack_state
-from .router import TaskRouter
-from .task_context import current_task
-from .task_norm import (TaskNormMixin, affine_biases, affine_weights,
+from .lego_resnet_blocks import LegoBasicBlock, LegoBottleneck
+from ..lego.convert import load_dense_or_lego, read_state_dict
+from ..lego.layers import LegoBatchNorm, LegoConv2d, route_channels
+from ..lego.packed_state import pack_state, unpack_state
+from ..lego.router import TaskRouter
+from ..task_context import current_task
+from ..lego.task_norm import (TaskNormMixin, affine_biases, affine_weights,
                         task_norm_cfg)
 
 __all__ = ['LegoResNet']

@@ -19,13 +19,13 @@ import torch
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .lego_layers import LegoBatchNorm, LegoConv2d, inflate_slots
+from .layers import LegoBatchNorm, LegoConv2d, inflate_slots
 from .packed_state import unpack_state
 from .task_norm import TaskNormMixin
 from .task_remap import remap_tasks
 
 if TYPE_CHECKING:
-    from .lego_resnet import LegoResNet
+    from ..backbones.lego_resnet import LegoResNet
 
 __all__ = [
     'read_state_dict', 'lego_modules', 'load_dense_or_lego',

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from mmengine.registry import MODELS
 
-from .lego_layers import replicate_task_rows
+from .layers import replicate_task_rows
 
 __all__ = [
     'TaskNormMixin', 'TaskBatchNorm2d', 'TaskSyncBatchNorm', 'TASK_NORMS',

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 
-from .lego_layers import LegoBatchNorm, LegoConv2d
+from ..lego.layers import LegoBatchNorm, LegoConv2d
 
 __all__ = ['LegoBasicBlock', 'LegoBottleneck']
 

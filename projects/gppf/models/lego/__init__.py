@@ -1,0 +1,16 @@
+"""Lego units and their routing: the layers, the task router, per-task norm
+statistics, and the conversions between lego and dense checkpoints."""
+from .convert import (extract_task_state_dict, lego_modules,
+                      load_dense_or_lego, read_state_dict)
+from .layers import LegoBatchNorm, LegoConv2d
+from .packed_state import pack_state, unpack_state
+from .router import Route, TaskRouter
+from .task_norm import TaskBatchNorm2d, TaskSyncBatchNorm
+from .task_remap import remap_tasks
+
+__all__ = [
+    'LegoConv2d', 'LegoBatchNorm', 'TaskRouter', 'Route', 'TaskBatchNorm2d',
+    'TaskSyncBatchNorm', 'extract_task_state_dict', 'lego_modules',
+    'load_dense_or_lego', 'read_state_dict', 'pack_state', 'unpack_state',
+    'remap_tasks'
+]
