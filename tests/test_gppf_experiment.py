@@ -94,6 +94,26 @@ def test_plan(runs):
     assert not any('init_cfg' in k for k in scratch.options)
     # a rerun source changes the identity of the transfer runs from it
     assert t_gppf.source_id == gppf.identity('w')
+    assert not any(r.arm == 'gppf_lownoise' for r in runs)  # opt-in arm
+
+
+def test_lownoise_arm_sets_noise_on_the_logits_scale(checked):
+    s, cfgs = checked
+    s = pl.Settings(**dict(vars(s), arms=('gppf', 'gppf_lownoise')))
+    paths = {'lego': s.config, 'dense': s.dense_config}
+    sha = {p: 'sha' for p in list(paths.values()) + [s.transfer_config]}
+    runs = pl.plan_runs(s, dict(cfgs, paths=paths, sha=sha), {})
+    low = next(r for r in runs if r.name == 'gppf_lownoise-s1')
+    gppf = next(r for r in runs if r.name == 'gppf-s1')
+    assert low.options['custom_hooks.0.noise_std'] == [pl.LOW_NOISE, 0.0]
+    assert low.options['model.backbone.router.noise_std'] == pl.LOW_NOISE
+    assert 'custom_hooks.0.noise_std=[0.02,0.0]' in low.command('w')
+    # otherwise the same run as gppf (schedule, seeds, freeze)
+    same = {k: v for k, v in low.options.items() if 'noise_std' not in k}
+    assert same == gppf.options
+    t_low = next(r for r in runs
+                 if r.name == 'trees_det-from-gppf_lownoise-s0')
+    assert t_low.export[1] == 'mnist_det'
 
 
 def test_schedule_scaling_keeps_order():

@@ -89,8 +89,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         '--arms',
         nargs='+',
-        default=list(pl.ARMS),
-        help=f'arms, of {", ".join(pl.ARMS)}')
+        default=list(pl.DEFAULT_ARMS),
+        help=f'arms, of {", ".join(pl.ARMS)} (default: '
+        f'{" ".join(pl.DEFAULT_ARMS)})')
     for flag, default, text in _INT_ARGS:
         p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument(
@@ -210,7 +211,7 @@ def check(args: argparse.Namespace) -> Tuple[pl.Settings, Dict[str, Any]]:
             raise ArgError(f'data of {task} not found at {root}; prepare it '
                            'with `bash tools/dataset_converters/'
                            'prepare_demo_data.sh`')
-    if 'gppf_fixed' in args.arms:
+    if {'gppf_fixed', 'gppf_lownoise'} & set(args.arms):
         pl.router_hook_index(lego)
     seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
     settings = pl.Settings(
@@ -314,6 +315,12 @@ def _setup_lines(s: pl.Settings, runs: List[pl.Run]) -> List[str]:
         (' '.join(f'`{k}={v}`' for k, v in fixed.options.items() if k.endswith(
             ('warmup_iters', 'freeze_iter'))) if fixed else 'not run') + ').',
     ]
+    if 'gppf_lownoise' in s.arms:
+        lines.append(
+            '- (c2) gppf_lownoise: (c) with the routing noise on the scale '
+            f'of the router\'s logits: std {pl.LOW_NOISE} annealed to 0 '
+            '(`TaskRouterHook` `noise_std`, `model.backbone.router.'
+            'noise_std`) instead of 1 to 0.')
     if s.transfer:
         lines.append(
             f'- transfer: `{s.transfer_config}` for {s.transfer_iters} '

@@ -25,6 +25,7 @@ __all__ = ['REF_ITER_S', 'REF_RUN_S', 'REF_WHEN', 'estimate_s', 'budget_lines']
 REF_ITER_S: Dict[str, float] = {
     'gppf': 0.90,
     'gppf_fixed': 0.90,
+    'gppf_lownoise': 0.90,
     'dense_tasknorm': 0.84,
     'dense': 0.78,
     'single:mnist_det': 0.48,

@@ -13,7 +13,11 @@ from tools.analysis_tools.gppf_experiment_report import (LABELS, TRANSFER,
 
 __all__ = ['render']
 
-COMPARE = ('single', 'dense', 'dense_tasknorm', 'gppf_fixed')
+# (arm, other arm) pairs of the paired comparison, where both were run.
+COMPARE = tuple(
+    ('gppf', other)
+    for other in ('single', 'dense', 'dense_tasknorm', 'gppf_fixed')) + tuple(
+        ('gppf_lownoise', other) for other in ('gppf', 'gppf_fixed'))
 TRANSFER_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50')
 
 
@@ -61,24 +65,25 @@ def _results(s: Settings, records: Dict[str, dict],
 
 def _paired(s: Settings, records: Dict[str, dict],
             metrics: Dict[str, str]) -> List[str]:
-    if 'gppf' not in s.arms:
+    pairs = [(a, b) for a, b in COMPARE if a in s.arms and b in s.arms]
+    if not pairs:
         return []
     cols = [(t, 'pretrain') for t in s.tasks]
     if s.transfer:
         cols.append((TRANSFER, 'transfer'))
     lines = [
         '## Paired comparison', '',
-        'Per seed, (c) gppf minus the other arm on the same seed; mean ± '
-        'std of the differences, and in how many seeds gppf is higher. '
-        'A mean difference within about one std of zero is not told '
-        'apart from seed noise at this number of seeds.', ''
+        'Per seed, a lego arm minus another arm on the same seed; mean ± '
+        'std of the differences, and in how many seeds the first is '
+        'higher. A mean difference within about one std of zero is not '
+        'told apart from seed noise at this number of seeds.', ''
     ]
     rows = []
-    for other in (a for a in COMPARE if a in s.arms):
-        row = [f'gppf − {other}']
+    for arm, other in pairs:
+        row = [f'{arm} − {other}']
         for task, kind in cols:
             diffs, wins = paired(
-                arm_values(records, 'gppf', task, kind),
+                arm_values(records, arm, task, kind),
                 arm_values(records, other, task, kind))
             cell = fmt_stat(diffs, _digits(metrics[task]), signed=True)
             cell = cell.replace(' (n=1)', '')

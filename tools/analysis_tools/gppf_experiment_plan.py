@@ -14,7 +14,11 @@ Arms (pre-training, every task sees the same iterations and batches):
 * ``gppf``: SIMT, the lego config as is (routes learned);
 * ``gppf_fixed``: the same with every route frozen at its random initial
   value from iteration 0 (``TaskRouterHook`` ``warmup_iters=0,
-  freeze_iter=0``).
+  freeze_iter=0``);
+* ``gppf_lownoise`` (not run by default): ``gppf`` with the routing noise
+  on the scale of the router's logits (std ``LOW_NOISE`` annealed to 0
+  instead of 1 to 0), so routes are chosen by the logits, not redrawn by
+  the noise every iteration.
 
 Transfer: the held-out detection task fine-tuned from each arm's backbone
 (lego arms: the exported sub-network of the source task) and from scratch.
@@ -27,12 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
-    'ARMS', 'LEGO_ARMS', 'Run', 'Settings', 'config_tasks', 'derive_config',
-    'schedule_options', 'plan_runs', 'primary_metric', 'option_args'
+    'ARMS', 'DEFAULT_ARMS', 'LEGO_ARMS', 'LOW_NOISE', 'Run', 'Settings',
+    'config_tasks', 'derive_config', 'schedule_options', 'plan_runs',
+    'primary_metric', 'option_args'
 ]
 
-ARMS = ('single', 'dense', 'dense_tasknorm', 'gppf', 'gppf_fixed')
-LEGO_ARMS = ('dense_tasknorm', 'gppf', 'gppf_fixed')
+ARMS = ('single', 'dense', 'dense_tasknorm', 'gppf', 'gppf_fixed',
+        'gppf_lownoise')
+DEFAULT_ARMS = ARMS[:5]
+LEGO_ARMS = ('dense_tasknorm', 'gppf', 'gppf_fixed', 'gppf_lownoise')
+# Routing-noise std of arm gppf_lownoise: the scale of the router's logits
+# (initial std 0.01; after 400 demo iterations they span about 0.08 per task
+# and layer, docs/experiments.md).
+LOW_NOISE = 0.02
 SCRATCH = 'scratch'
 TRANSFER_TASK = 'trees_det'
 # Per-task dicts of a GPPF config (model.* and top level).
@@ -224,7 +235,8 @@ def router_hook_index(cfg) -> int:
         if hook.get('type') == 'TaskRouterHook':
             return i
     raise ValueError('the lego config has no TaskRouterHook in custom_hooks;'
-                     ' arm gppf_fixed freezes routes through it')
+                     ' arms gppf_fixed and gppf_lownoise set routing '
+                     'through it')
 
 
 def _eval_options(cfg, tasks: Sequence[str], val_size: int,
@@ -287,6 +299,10 @@ def plan_runs(s: Settings, cfgs: Dict[str, Any],
                 i = router_hook_index(lego)
                 opts[f'custom_hooks.{i}.warmup_iters'] = 0
                 opts[f'custom_hooks.{i}.freeze_iter'] = 0
+            if arm == 'gppf_lownoise':
+                i = router_hook_index(lego)
+                opts[f'custom_hooks.{i}.noise_std'] = [LOW_NOISE, 0.0]
+                opts['model.backbone.router.noise_std'] = LOW_NOISE
             opts.update(common)
             runs.append(
                 Run(f'{arm}-s{seed}', 'pretrain', arm, seed, s.tasks,

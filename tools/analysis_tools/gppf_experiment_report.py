@@ -22,6 +22,7 @@ LABELS = {
     'dense_tasknorm': '(b2) SIMT, lego N=k (dense + per-task norms)',
     'gppf': '(c) GPPF, lego N=4 k=2, routes learned',
     'gppf_fixed': '(d) GPPF, random fixed routes',
+    'gppf_lownoise': '(c2) GPPF, routes learned, noise on the logits\' scale',
     'scratch': 'from scratch',
 }
 
