@@ -16,11 +16,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _simt_common import require_marker
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -59,6 +61,7 @@ def run_ranks(fn: Callable,
         TimeoutError: The ranks did not all finish within ``timeout``.
         RuntimeError: A rank failed (its traceback in the message).
     """
+    require_marker('dist', 'run_ranks starts a process group')
     os.makedirs(err_dir, exist_ok=True)
     ctx = mp.spawn(
         _entry,

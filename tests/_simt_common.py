@@ -1,31 +1,49 @@
 """Tiny three-task GPPF set-ups shared by the SIMT tests (CPU, seconds).
 
-Tasks (real images from ``tools/dataset_converters/prepare_demo_data.py``,
-written to a temporary folder with a few images each):
-``mnist_det`` (mmdet FCOS), ``fmnist_seg`` (mmseg FCN head),
+Tasks: ``mnist_det`` (mmdet FCOS), ``fmnist_seg`` (mmseg FCN head),
 ``fmnist_cls`` (mmpretrain linear head), on a ResNet-18 with 16 base
-channels (stock ``mmdet.ResNet`` or ``LegoResNet``).
+channels (stock ``mmdet.ResNet`` or ``LegoResNet``); the task models are the
+demo config's, shrunk. Images come either from the demo data sources
+(:func:`make_demo_data`, tests marked ``data``) or are drawn here
+(:func:`make_synthetic_data`, no download), in the same folder layout.
 """
 import copy
+import functools
+import json
 import os
 import os.path as osp
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Set, Union
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+DEMO_CONFIG = (
+    REPO / 'configs' / 'gppf' / 'gppf_lego-r18_1xb8-8-32-1k_gppf-demo.py')
 TASKS = ('mnist_det', 'fmnist_seg', 'fmnist_cls')
 MNIST = tuple(str(i) for i in range(10))
 FMNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
           'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 SIZE = 64
-MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 BASE = 16  # ResNet-18 stage widths 16, 32, 64, 128
+
+# Markers of the running test, set by conftest.py before its fixtures.
+CURRENT_MARKERS: Set[str] = set()
+
+
+def require_marker(name: str, what: str) -> None:
+    """Fail unless the running test carries ``@pytest.mark.<name>``, so a
+    tier that deselects the marker never reaches ``what``."""
+    if name not in CURRENT_MARKERS:
+        pytest.fail(
+            f'{what}: mark the test (or its module) with '
+            f'@pytest.mark.{name}',
+            pytrace=False)
 
 
 def make_demo_data(root: Path,
@@ -33,10 +51,12 @@ def make_demo_data(root: Path,
                    num_val: int = 4) -> Path:
     """Write the three demo datasets (few images) under ``root``.
 
-    ``num_train`` is one count or a count per dataset name. If the
-    environment names a prepared folder (``GPPF_TEST_DATA``, e.g. on a
+    Only for tests marked ``data``; fails (never skips) when a data source
+    is missing. ``num_train`` is one count or a count per dataset name. If
+    the environment names a prepared folder (``GPPF_TEST_DATA``, e.g. on a
     machine without the data sources), that folder is used instead.
     """
+    require_marker('data', 'make_demo_data needs the demo data sources')
     prepared = os.environ.get('GPPF_TEST_DATA')
     if prepared:
         return Path(prepared).resolve()
@@ -50,13 +70,100 @@ def make_demo_data(root: Path,
             f'{name}={n}' for name, n in num_train.items()
         ]
         prepare_demo_data.main([
-            '--out', str(root), '--datasets', *TASKS, '--num-train', *counts,
+            '--out',
+            str(root), '--datasets', *TASKS, '--num-train', *counts,
             '--num-val',
             str(num_val)
         ])
     except SystemExit as e:  # a data source is not installed here
-        pytest.skip(f'demo data sources unavailable: {e}')
+        pytest.fail(
+            f'demo data sources unavailable ({e}): run '
+            'tools/dataset_converters/prepare_demo_data.sh, or deselect '
+            'these tests with -m "not data"',
+            pytrace=False)
     return root
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _canvas(rng: np.random.Generator, size: int = 128, items: int = 3):
+    """A dark canvas with 1..``items`` bright rectangles (apart) and their
+    labels 0..9; returns the image and ``[(label, x0, y0, x1, y1)]``."""
+    img = rng.integers(0, 48, (size, size, 3), dtype=np.uint8)
+    placed = []
+    for i in range(int(rng.integers(1, items + 1))):
+        w, h = (int(v) for v in rng.integers(10, 28, 2))
+        x0 = i * (size // items) + int(rng.integers(0, size // items - w))
+        y0 = int(rng.integers(0, size - h))
+        img[y0:y0 + h, x0:x0 + w] = rng.integers(160, 256, 3, dtype=np.uint8)
+        placed.append((int(rng.integers(0, 10)), x0, y0, x0 + w, y0 + h))
+    return img, placed
+
+
+def make_synthetic_data(root: Path,
+                        num_train: int = 8,
+                        num_val: int = 4,
+                        seed: int = 0) -> Path:
+    """Draw the three demo datasets (bright rectangles on dark canvases) in
+    the demo data's layout under ``root``; no data source needed."""
+    rng = np.random.default_rng(seed)
+    for split, num in (('train', num_train), ('val', num_val)):
+        images, anns = [], []
+        for i in range(num):  # mnist_det: COCO boxes
+            img, placed = _canvas(rng)
+            name = f'{i:06d}.png'
+            _write_png(root / 'mnist_det' / split / name, img)
+            images.append(dict(id=i, file_name=name, width=128, height=128))
+            for label, x0, y0, x1, y1 in placed:
+                anns.append(
+                    dict(
+                        id=len(anns) + 1,
+                        image_id=i,
+                        category_id=label + 1,
+                        bbox=[x0, y0, x1 - x0, y1 - y0],
+                        area=float((x1 - x0) * (y1 - y0)),
+                        iscrowd=0))
+        coco = dict(
+            images=images,
+            annotations=anns,
+            categories=[
+                dict(id=k + 1, name=c, supercategory='none')
+                for k, c in enumerate(MNIST)
+            ])
+        ann_file = root / 'mnist_det' / 'annotations' / f'{split}.json'
+        ann_file.parent.mkdir(parents=True, exist_ok=True)
+        ann_file.write_text(json.dumps(coco))
+        for i in range(num):  # fmnist_seg: label maps, 0 = background
+            img, placed = _canvas(rng)
+            seg = np.zeros(img.shape[:2], np.uint8)
+            for label, x0, y0, x1, y1 in placed:
+                seg[y0:y1, x0:x1] = label + 1
+            _write_png(
+                root / 'fmnist_seg' / 'img_dir' / split / f'{i:06d}.png', img)
+            _write_png(
+                root / 'fmnist_seg' / 'ann_dir' / split / f'{i:06d}.png', seg)
+        lines = []
+        for i in range(num):  # fmnist_cls: 28x28 items, class-balanced
+            label = i % 10
+            img = np.full((28, 28, 3), 20 * label, np.uint8)
+            img[4 + label:24, 6:22] = rng.integers(160, 256, 3, np.uint8)
+            _write_png(root / 'fmnist_cls' / split / f'{label}/{i:05d}.png',
+                       img)
+            lines.append(f'{label}/{i:05d}.png {label}')
+        meta = root / 'fmnist_cls' / 'meta' / f'{split}.txt'
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text('\n'.join(lines) + '\n')
+    return root
+
+
+@functools.lru_cache()
+def _demo_task_models() -> dict:
+    from mmengine.config import Config
+    return Config.fromfile(str(DEMO_CONFIG)).model.tasks.to_dict()
 
 
 def backbone_cfg(kind: str = 'resnet', base: int = BASE) -> dict:
@@ -80,94 +187,35 @@ def backbone_cfg(kind: str = 'resnet', base: int = BASE) -> dict:
 def model_cfg(kind: str = 'resnet',
               loss_weights: Optional[Dict[str, float]] = None,
               base: int = BASE) -> dict:
-    """GPPF with FCOS / FCN / linear heads on a shared tiny ResNet-18 whose
-    stage widths are ``base * (1, 2, 4, 8)``."""
-    det = dict(
-        _scope_='mmdet',
-        type='FCOS',
-        neck=dict(
-            type='FPN',
-            in_channels=[base, base * 2, base * 4, base * 8],
-            out_channels=32,
-            start_level=1,
-            add_extra_convs='on_output',
-            num_outs=3,
-            relu_before_extra_convs=True),
-        bbox_head=dict(
-            type='FCOSHead',
-            num_classes=10,
-            in_channels=32,
-            stacked_convs=1,
-            feat_channels=32,
-            strides=[8, 16, 32],
-            regress_ranges=((-1, 16), (16, 32), (32, 1e8)),
-            norm_cfg=None,
-            loss_cls=dict(
-                type='FocalLoss',
-                use_sigmoid=True,
-                gamma=2.0,
-                alpha=0.25,
-                loss_weight=1.0),
-            loss_bbox=dict(type='IoULoss', loss_weight=1.0),
-            loss_centerness=dict(
-                type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0)),
-        test_cfg=dict(
-            nms_pre=100,
-            min_bbox_size=0,
-            score_thr=0.05,
-            nms=dict(type='nms', iou_threshold=0.5),
-            max_per_img=20))
-    seg = dict(
-        _scope_='mmseg',
-        type='EncoderDecoder',
-        decode_head=dict(
-            type='FCNHead',
-            in_channels=base * 2,
-            in_index=1,
-            channels=32,
-            num_convs=1,
-            concat_input=False,
-            dropout_ratio=0.0,
-            num_classes=11,
-            norm_cfg=dict(type='BN', requires_grad=True),
-            align_corners=False,
-            loss_decode=dict(
-                type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-        train_cfg=dict(),
-        test_cfg=dict(mode='whole'))
-    cls = dict(
-        _scope_='mmpretrain',
-        type='ImageClassifier',
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(
-            type='LinearClsHead',
-            num_classes=10,
-            in_channels=base * 8,
-            loss=dict(type='CrossEntropyLoss', loss_weight=1.0)))
-    preprocessors = dict(
-        mnist_det=dict(
-            type='mmdet.DetDataPreprocessor',
-            mean=MEAN,
-            std=STD,
-            bgr_to_rgb=True,
-            pad_size_divisor=32),
-        fmnist_seg=dict(
-            type='mmseg.SegDataPreProcessor',
-            mean=MEAN,
-            std=STD,
-            bgr_to_rgb=True,
-            size=(SIZE, SIZE),
-            pad_val=0,
-            seg_pad_val=255),
-        fmnist_cls=dict(
-            type='mmpretrain.ClsDataPreprocessor',
-            mean=MEAN,
-            std=STD,
-            to_rgb=True))
+    """GPPF with the demo config's FCOS / FCN / linear task models, shrunk
+    onto a shared tiny ResNet-18 whose stage widths are ``base * (1, 2, 4,
+    8)``: thinner heads, IoU box loss, no head norm or dropout, SIZE-pixel
+    segmentation inputs."""
+    tasks = copy.deepcopy(_demo_task_models())
+    det, seg, cls = (tasks[t] for t in TASKS)
+    det['neck'].update(
+        in_channels=[base, base * 2, base * 4, base * 8], out_channels=32)
+    det['bbox_head'].update(
+        in_channels=32,
+        stacked_convs=1,
+        feat_channels=32,
+        regress_ranges=((-1, 16), (16, 32), (32, 1e8)),
+        norm_cfg=None,
+        loss_bbox=dict(type='IoULoss', loss_weight=1.0))
+    det['test_cfg'].update(nms_pre=100)
+    seg['decode_head'].update(
+        in_channels=base * 2, channels=32, num_convs=1, dropout_ratio=0.0)
+    seg['data_preprocessor'].update(size=(SIZE, SIZE))
+    cls['head'].update(in_channels=base * 8)
+    preprocessors = {}
+    for task, cfg in tasks.items():  # one multi-task preprocessor
+        pre = cfg.pop('data_preprocessor')
+        pre['type'] = f"{cfg['_scope_']}.{pre['type']}"
+        preprocessors[task] = pre
     return dict(
         type='GPPF',
         backbone=backbone_cfg(kind, base),
-        tasks=dict(mnist_det=det, fmnist_seg=seg, fmnist_cls=cls),
+        tasks=tasks,
         loss_weights=loss_weights,
         data_preprocessor=dict(
             type='MultiTaskDataPreprocessor', preprocessors=preprocessors))
@@ -233,10 +281,12 @@ def dataloaders(root: Path,
                 shuffle: bool = True) -> Dict[str, dict]:
     """Dataloader config per task (InfiniteSampler for training)."""
     train = split == 'train'
-    sampler = dict(type='InfiniteSampler' if train else 'DefaultSampler',
-                   shuffle=shuffle and train)
+    sampler = dict(
+        type='InfiniteSampler' if train else 'DefaultSampler',
+        shuffle=shuffle and train)
     return {
-        task: dict(
+        task:
+        dict(
             batch_size=batch_size,
             num_workers=0,
             sampler=copy.deepcopy(sampler),

@@ -1,4 +1,10 @@
-"""Shared pytest set-up: the repository root on sys.path, clean singletons."""
+"""Shared pytest set-up: the repository root on sys.path, clean singletons,
+the running test's markers for the ``data`` / ``dist`` guards.
+
+Tiers (markers in setup.cfg): ``-m "not slow"`` is the quick loop;
+``-m "not slow and not dist and not data"`` the fast tier, which needs no
+data sources and starts no process.
+"""
 import os.path as osp
 import sys
 
@@ -7,6 +13,15 @@ import pytest
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import _simt_common  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Publish the test's markers before its fixtures run."""
+    _simt_common.CURRENT_MARKERS.clear()
+    _simt_common.CURRENT_MARKERS.update(m.name for m in item.iter_markers())
 
 
 @pytest.fixture(autouse=True)

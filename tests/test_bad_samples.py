@@ -72,6 +72,7 @@ def test_truncated_image_by_content(tmp_path):
     assert not truncated_image(str(tmp_path / 'missing.png'))
 
 
+@pytest.mark.data
 @pytest.mark.parametrize('task', ['mnist_det', 'fmnist_seg', 'fmnist_cls'])
 @pytest.mark.parametrize(
     'damage',
@@ -107,6 +108,7 @@ def test_bad_file_is_skipped_named_and_reported(data_root, logs, task, damage):
         sample['data_samples'].metainfo['img_path']
 
 
+@pytest.mark.data
 def test_every_sample_broken_fails_after_the_retries(data_root):
     cfg = dataloaders(data_root, 'train')['fmnist_cls']['dataset']
     dataset = GuardedDataset(cfg, task='fmnist_cls', max_retries=3)
@@ -127,6 +129,7 @@ def _damage_cls(root: Path, n: int) -> list:
     return paths
 
 
+@pytest.mark.data
 def test_the_loop_counts_bad_samples_and_trains_on(data_root, tmp_path):
     _damage_cls(data_root, 1)
     cfg = runner_cfg(data_root, tmp_path / 'work', max_iters=6, val=False)
@@ -146,6 +149,7 @@ def test_the_loop_counts_bad_samples_and_trains_on(data_root, tmp_path):
     assert 'train/mnist_det/bad_samples' not in scalars
 
 
+@pytest.mark.data
 def test_the_loop_stops_when_a_task_has_too_many(data_root, tmp_path):
     paths = _damage_cls(data_root, 4)  # half of the 8 images
     cfg = runner_cfg(data_root, tmp_path / 'work', max_iters=50, val=False)
@@ -161,6 +165,7 @@ def test_the_loop_stops_when_a_task_has_too_many(data_root, tmp_path):
     assert runner.iter < 50
 
 
+@pytest.mark.data
 def test_bad_samples_cfg_errors(data_root, tmp_path):
     cfg = runner_cfg(data_root, tmp_path / 'work', val=False)
     cfg['train_cfg'].update(bad_samples=dict(max_ratios=0.1))

@@ -92,6 +92,7 @@ def _recorder(runner):
     return next(h for h in runner.hooks if isinstance(h, _LossRecorder))
 
 
+@pytest.mark.data
 def test_resume_continues_with_the_same_losses(tmp_path, fmnist_cls):
     full = _runner(tmp_path / 'full', fmnist_cls)
     full.train()
@@ -115,6 +116,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, fmnist_cls):
         full.model.backbone.router.num_calls
 
 
+@pytest.mark.data
 def test_checkpoint_needs_only_the_allow_listed_globals(tmp_path, fmnist_cls):
     runner = _runner(tmp_path / 'run', fmnist_cls)
     runner.train()

@@ -3,8 +3,8 @@
 
 A tiny version of each demo dataset (20 train / 8 val) is generated into a
 temporary folder and read back with the stock OpenMMLab dataset classes.
-Sources that cannot be had (no npm, no network, Debian package missing) skip
-the tests that need them; corrupt sources fail them.
+The tests that read the sources are marked ``data``: a missing source (no
+npm, no network, Debian package missing) or a corrupt one fails them.
 """
 import gzip
 import importlib.util
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _simt_common import require_marker
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +28,8 @@ NUM = dict(train=20, val=8)
 SPLITS = ('train', 'val')
 
 
-@pytest.fixture(autouse=True)
-def _no_scope_leak():
-    """Drop any mmengine DefaultScope instance a test created."""
-    from mmengine.registry import DefaultScope
-    before = dict(DefaultScope._instance_dict)
-    yield
-    DefaultScope._instance_dict.clear()
-    DefaultScope._instance_dict.update(before)
-
-
 def _prepare(root: Path, name: str, *extra: str) -> dict:
+    require_marker('data', 'preparing demo data needs its sources')
     args = pdd.parse_args([
         '--out',
         str(root), '--num-train',
@@ -47,7 +39,10 @@ def _prepare(root: Path, name: str, *extra: str) -> dict:
     try:
         return pdd.prepare(name, root, pdd.dataset_cfg(name, args), args.seed)
     except pdd.SourceUnavailable as e:
-        pytest.skip(f'{name}: source unavailable: {e}')
+        pytest.fail(
+            f'{name}: source unavailable ({e}): run '
+            'tools/dataset_converters/prepare_demo_data.sh',
+            pytrace=False)
 
 
 @pytest.fixture(scope='module')
@@ -90,6 +85,7 @@ def _boxes_inside(ds) -> None:
 
 
 # --------------------------------------------------------------- mnist_det
+@pytest.mark.data
 def test_mnist_det_loads_with_stock_coco_dataset(demo):
     root = demo('mnist_det')
     for split in SPLITS:
@@ -97,14 +93,16 @@ def test_mnist_det_loads_with_stock_coco_dataset(demo):
         coco = json.loads((root / f'annotations/{split}.json').read_text())
         assert len(ds) == NUM[split]
         assert ds.metainfo['classes'] == pdd.MNIST_CLASSES
-        assert sum(len(ds.get_data_info(i)['instances'])
-                   for i in range(len(ds))) == len(coco['annotations'])
+        assert sum(
+            len(ds.get_data_info(i)['instances'])
+            for i in range(len(ds))) == len(coco['annotations'])
         for i in range(len(ds)):
             labels = ds[i]['gt_bboxes_labels']
             assert 1 <= len(labels) <= 4 and labels.max() <= 9
         _boxes_inside(ds)
 
 
+@pytest.mark.data
 def test_mnist_det_boxes_match_placed_digit_pixels(demo):
     root = demo('mnist_det')
     ds = _coco_dataset(root, 'train', pdd.MNIST_CLASSES)
@@ -114,12 +112,12 @@ def test_mnist_det_boxes_match_placed_digit_pixels(demo):
         fg = out['img'].min(2) > pdd.BG_MAX  # item pixels, see module doc
         covered = np.zeros_like(fg)
         for x0, y0, x1, y1 in out['gt_bboxes'].tensor.numpy().astype(int):
-            win = (slice(max(y0 - 1, 0), y1 + 1),
-                   slice(max(x0 - 1, 0), x1 + 1))
+            win = (slice(max(y0 - 1, 0),
+                         y1 + 1), slice(max(x0 - 1, 0), x1 + 1))
             ys, xs = np.nonzero(fg[win])
             # the tight box of the foreground around the box is the box
-            assert (xs.min() + win[1].start, ys.min() + win[0].start,
-                    xs.max() + win[1].start + 1,
+            assert (xs.min() + win[1].start,
+                    ys.min() + win[0].start, xs.max() + win[1].start + 1,
                     ys.max() + win[0].start + 1) == (x0, y0, x1, y1)
             covered[y0:y1, x0:x1] = True
         assert not (fg & ~covered).any(), 'a placed digit has no box'
@@ -129,13 +127,14 @@ def test_mnist_det_boxes_match_placed_digit_pixels(demo):
         assert ann['category_id'] == digit + 1
 
 
+@pytest.mark.data
 def test_mnist_det_train_val_use_disjoint_digits(demo):
     root = demo('mnist_det')
     srcs = {
         split: {
             a['source']
-            for a in json.loads((root / f'annotations/{split}.json'
-                                 ).read_text())['annotations']
+            for a in json.loads((
+                root / f'annotations/{split}.json').read_text())['annotations']
         }
         for split in SPLITS
     }
@@ -166,6 +165,7 @@ def _seg_dataset(root: Path, split: str):
         serialize_data=False)
 
 
+@pytest.mark.data
 def test_fmnist_seg_loads_and_labels_match_items(demo):
     root = demo('fmnist_seg')
     for split in SPLITS:
@@ -183,8 +183,7 @@ def test_fmnist_seg_loads_and_labels_match_items(demo):
             present = set(np.unique(seg).tolist()) - {0}
             assert present == {it['label'] for it in items[stem]}
             # labelled pixels are exactly the item pixels of the image
-            np.testing.assert_array_equal(seg > 0,
-                                          img.min(2) > pdd.BG_MAX)
+            np.testing.assert_array_equal(seg > 0, img.min(2) > pdd.BG_MAX)
             for it in items[stem]:  # the item's pixels fill its box
                 x0, y0, x1, y1 = it['box']
                 oy, ox = max(y0 - 1, 0), max(x0 - 1, 0)
@@ -193,6 +192,7 @@ def test_fmnist_seg_loads_and_labels_match_items(demo):
                         ys.max() + oy) == (x0, y0, x1, y1)
 
 
+@pytest.mark.data
 def test_fmnist_seg_train_val_sources(demo):
     root = demo('fmnist_seg')
     for split, src in (('train', 'train#'), ('val', 't10k#')):
@@ -202,6 +202,7 @@ def test_fmnist_seg_train_val_sources(demo):
 
 
 # -------------------------------------------------------------- fmnist_cls
+@pytest.mark.data
 def test_fmnist_cls_loads_with_stock_custom_dataset(demo):
     from mmcv.transforms import LoadImageFromFile
     from mmpretrain.datasets import CustomDataset
@@ -230,6 +231,7 @@ def test_fmnist_cls_loads_with_stock_custom_dataset(demo):
 
 
 # --------------------------------------------------------------- trees_det
+@pytest.mark.data
 def test_trees_det_tiles_are_real_crops(demo):
     root = demo('trees_det')
     sources = {}
@@ -243,8 +245,10 @@ def test_trees_det_tiles_are_real_crops(demo):
     assert not sources['train'] & sources['val']
     # tiles hold the shipped pixels; their boxes are shifted source boxes
     wheel = Path(pdd.parse_args([]).cache_dir) / pdd.DEEPFOREST_WHL
-    full = {s: (img, b) for s, img, b in pdd.load_deepforest(
-        wheel, pdd.TREE_SPLITS['val'])}
+    full = {
+        s: (img, b)
+        for s, img, b in pdd.load_deepforest(wheel, pdd.TREE_SPLITS['val'])
+    }
     coco = json.loads((root / 'annotations/val.json').read_text())
     for im in coco['images'][:3]:
         x, y, w, h = im['crop']
@@ -289,18 +293,21 @@ def test_corrupt_or_missing_idx_gives_clear_error(tmp_path):
         pdd.load_fashion_mnist(tmp_path, 'train')
 
 
+@pytest.mark.data
 def test_prepare_is_idempotent_and_deterministic(tmp_path):
     if not Path(pdd.FMNIST_DIR).is_dir():
-        pytest.skip(f'{pdd.FMNIST_DIR} missing: apt-get install -y '
-                    'dataset-fashion-mnist')
+        pytest.fail(
+            f'{pdd.FMNIST_DIR} missing: apt-get install -y '
+            'dataset-fashion-mnist',
+            pytrace=False)
     for out in ('a', 'b'):
         _prepare(tmp_path / out, 'fmnist_seg')
     marker = tmp_path / 'a/fmnist_seg/.gppf_demo.json'
     mtime = marker.stat().st_mtime_ns
     _prepare(tmp_path / 'a', 'fmnist_seg')  # same args: skipped
     assert marker.stat().st_mtime_ns == mtime
-    files = sorted(p.relative_to(tmp_path / 'a')
-                   for p in (tmp_path / 'a').rglob('*.png'))
+    files = sorted(
+        p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.png'))
     assert len(files) == 2 * (NUM['train'] + NUM['val'])
     for f in files:  # same seed, same bytes
         assert (tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' /
@@ -316,7 +323,6 @@ def test_prepare_is_idempotent_and_deterministic(tmp_path):
 def test_parse_counts():
     assert pdd.parse_counts(None, 0)['mnist_det'] == 1500
     got = pdd.parse_counts(['30', 'trees_det=5'], 1)
-    assert got == dict(mnist_det=30, fmnist_seg=30, fmnist_cls=30,
-                       trees_det=5)
+    assert got == dict(mnist_det=30, fmnist_seg=30, fmnist_cls=30, trees_det=5)
     with pytest.raises(SystemExit, match='unknown dataset'):
         pdd.parse_counts(['cifar=3'], 0)

@@ -98,6 +98,10 @@ def run_child(cfg: dict, cuda: bool = False, timeout: float = 120) -> tuple:
     return json.loads(line[len('RESULT '):]), proc.stdout + proc.stderr
 
 
+dist_child = pytest.mark.dist  # a one-rank gloo group in a child process
+
+
+@dist_child
 def test_init_dist_env_gloo_on_cpu():
     result, log = run_child(
         dict(
@@ -120,6 +124,7 @@ def test_init_dist_env_gloo_on_cpu():
     assert NO_CUDA not in log
 
 
+@dist_child
 def test_init_dist_env_default_timeout_and_missing_env_cfg():
     result, _ = run_child(dict(launcher='pytorch'))
     assert result['backend'] == 'gloo'
@@ -127,6 +132,7 @@ def test_init_dist_env_default_timeout_and_missing_env_cfg():
     assert result['dist_cfg'] == dict(backend='gloo')
 
 
+@dist_child
 def test_init_dist_env_leaves_nccl_with_cuda_to_mmengine():
     # CUDA (patched in the child) and nccl: mmengine's init_dist sets the
     # device and initialises; nothing happens here.
@@ -139,6 +145,7 @@ def test_init_dist_env_leaves_nccl_with_cuda_to_mmengine():
     assert 'gloo' not in log
 
 
+@dist_child
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason='gloo next to CUDA needs a GPU')
 def test_init_dist_env_gloo_with_cuda():
@@ -195,20 +202,62 @@ def test_cpu_model_wrapper_cfg():
 # ---------------------------------------------------------------- scripts
 
 
-@pytest.mark.parametrize('script', [DIST_TRAIN, DIST_TEST])
-def test_scripts_syntax_and_usage(script):
+@pytest.mark.parametrize('script, args, usage', [
+    (DIST_TRAIN, ['only_config'], 'CONFIG GPUS [train.py args]'),
+    (DIST_TEST, ['config', 'ckpt'], 'CONFIG CHECKPOINT GPUS [test.py args]'),
+])
+def test_scripts_print_usage_without_enough_arguments(script, args, usage):
+    """Too few arguments: the usage on stderr, exit 2, nothing started
+    (even with PYTHONPATH unset under ``set -u``)."""
     assert os.access(script, os.X_OK), f'{script} is not executable'
-    subprocess.run(['bash', '-n', str(script)], check=True, timeout=30)
-    # Too few arguments: usage, exit 2, no torchrun started (even with
-    # PYTHONPATH unset under `set -u`).
-    env = _env()
+    env = _env(PYTHON='/nonexistent/python')  # would fail if it were run
     env.pop('PYTHONPATH')
-    proc = subprocess.run(['bash', str(script), 'only_config'],
+    proc = subprocess.run(['bash', str(script), *args],
                           env=env,
                           capture_output=True,
                           text=True,
                           timeout=30)
-    assert proc.returncode == 2 and 'usage' in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stdout == ''
+    assert proc.stderr == f'usage: {script} {usage}\n'
+
+
+def _fake_python(tmp_path: Path) -> Path:
+    """An interpreter stand-in that prints its arguments and PYTHONPATH."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'printf "%s\\n" "PYTHONPATH=$PYTHONPATH" "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize('script, args, tool, forwarded', [
+    (DIST_TRAIN, ['cfg.py', '3', '--resume'
+                  ], 'train.py', ['cfg.py', '--resume']),
+    (DIST_TEST, ['cfg.py', 'ckpt.pth', '2', '--out', 'x.pkl'
+                 ], 'test.py', ['cfg.py', 'ckpt.pth', '--out', 'x.pkl']),
+])
+def test_scripts_hand_torchrun_the_tool_and_its_arguments(
+        tmp_path, script, args, tool, forwarded):
+    """The command line the scripts build: torchrun with the process count
+    and port, the tool, its arguments, ``--launcher pytorch``; the
+    repository first on PYTHONPATH."""
+    env = _env(PYTHON=str(_fake_python(tmp_path)), PORT='29999')
+    env['PYTHONPATH'] = '/elsewhere'
+    proc = subprocess.run(['bash', str(script), *args],
+                          cwd=tmp_path,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    nproc = args[1] if tool == 'train.py' else args[2]
+    assert proc.stdout.splitlines() == [
+        f'PYTHONPATH={REPO}:/elsewhere', '-m', 'torch.distributed.run',
+        '--nnodes=1', '--node_rank=0', '--master_addr=127.0.0.1',
+        f'--nproc_per_node={nproc}', '--master_port=29999',
+        str(REPO / 'tools' / tool), *forwarded, '--launcher', 'pytorch'
+    ]
 
 
 def _tiny_config(tmp_path: Path, root: Path, **kwargs) -> Path:
@@ -237,6 +286,8 @@ def _run_script(args, timeout: float = 300, **env) -> tuple:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.dist
+@pytest.mark.data
 def test_dist_train_refuses_the_stock_ddp_wrapper(tmp_path):
     """A config without the SIMT wrapper gets mmengine's DDP (device_ids
     None on the CPU); both ranks get past gloo initialisation and stop in
@@ -253,9 +304,16 @@ def test_dist_train_refuses_the_stock_ddp_wrapper(tmp_path):
     assert "model_wrapper_cfg=dict(type='SIMTDistributedWrapper')" in log
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.data
+@pytest.mark.timeout(1500)
 def test_dist_train_runs_resumes_and_dist_test_evaluates(tmp_path):
     if not (REPO / 'data' / 'gppf_demo').is_dir():
-        pytest.skip('run tools/dataset_converters/prepare_demo_data.sh')
+        pytest.fail(
+            'data/gppf_demo missing: run '
+            'tools/dataset_converters/prepare_demo_data.sh',
+            pytrace=False)
     work_dir = tmp_path / 'work'
     small = [
         'train_dataloader.mnist_det.batch_size=2',
@@ -292,10 +350,11 @@ def test_dist_train_runs_resumes_and_dist_test_evaluates(tmp_path):
 
     # The standard test tool on 2 processes, in a fresh process (weights-only
     # loading of a full mmengine checkpoint), every task evaluated.
-    rc, log = _run_script(
-        [DIST_TEST, DEMO_CONFIG, work_dir / 'iter_5.pth', 2, '--work-dir',
-         tmp_path / 'test', '--cfg-options', *small[3:6]],
-        timeout=480)
+    rc, log = _run_script([
+        DIST_TEST, DEMO_CONFIG, work_dir / 'iter_5.pth', 2, '--work-dir',
+        tmp_path / 'test', '--cfg-options', *small[3:6]
+    ],
+                          timeout=480)
     assert rc == 0, log[-6000:]
     for metric in ('mnist_det/coco/bbox_mAP', 'fmnist_seg/mIoU',
                    'fmnist_cls/accuracy/top1'):

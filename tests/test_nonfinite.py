@@ -20,12 +20,12 @@ from _simt_common import (TASKS, dataloaders, make_demo_data, model_cfg,
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging import MessageHub
-from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import HOOKS, MODELS
 from mmengine.runner import Runner
 
 import projects.gppf  # noqa: F401  (registers GPPF)
 import projects.gppf.engine  # noqa: F401
+from projects.gppf.engine import SIMTAmpOptimWrapper, SIMTOptimWrapper
 from projects.gppf.models import SIMTDistributedWrapper
 from projects.gppf.models import nonfinite as nonfinite_module
 from projects.gppf.models.nonfinite import INFO_KEY, NonFiniteGuard
@@ -65,7 +65,7 @@ def build(kind='lego', **nonfinite):
 
 
 def sgd(model):
-    return OptimWrapper(
+    return SIMTOptimWrapper(
         torch.optim.SGD(
             model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4))
 
@@ -130,6 +130,7 @@ def without(batches, task):
     return OrderedDict((t, b) for t, b in batches.items() if t != task)
 
 
+@pytest.mark.data
 @pytest.mark.parametrize('task,kind', [('fmnist_seg', 'input'),
                                        ('fmnist_cls', 'grad'),
                                        ('mnist_det', 'stats')])
@@ -174,6 +175,7 @@ def test_skipped_task_changes_nothing(batches, hub, task, kind):
     assert all(counts[t] == [0, 0] for t in TASKS if t != task)
 
 
+@pytest.mark.data
 def test_gradient_check_can_be_turned_off(batches, hub):
     """``check_grads=False``: only the loss is checked, so an infinite
     gradient with a finite loss reaches the optimizer."""
@@ -186,6 +188,7 @@ def test_gradient_check_can_be_turned_off(batches, hub):
     assert not torch.isfinite(param).all()
 
 
+@pytest.mark.data
 def test_counts_warnings_reset_and_stop(batches, hub):
     """Every skip is a warning naming the task and the iteration; a finite
     iteration resets the count; ``max_consecutive`` skips in a row stop the
@@ -240,13 +243,14 @@ def test_bad_arguments():
 
 # --------------------------------------------------------- mixed precision
 def _cpu_amp_wrapper(model, **kwargs):
-    """mmengine's AmpOptimWrapper on the CPU: it asserts a GPU at
-    construction and builds a CUDA GradScaler, which disables itself on a
-    CPU; torch's CPU GradScaler (the same dynamic scaling) replaces it."""
+    """The SIMT twin of mmengine's AmpOptimWrapper on the CPU: mmengine
+    asserts a GPU at construction and builds a CUDA GradScaler, which
+    disables itself on a CPU; torch's CPU GradScaler (the same dynamic
+    scaling) replaces it."""
     from mmengine.optim.optimizer import amp_optimizer_wrapper
     with mock.patch.object(amp_optimizer_wrapper, 'is_cuda_available',
                            lambda: True):
-        wrapper = AmpOptimWrapper(
+        wrapper = SIMTAmpOptimWrapper(
             optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
             dtype='bfloat16',
             **kwargs)
@@ -254,6 +258,7 @@ def _cpu_amp_wrapper(model, **kwargs):
     return wrapper
 
 
+@pytest.mark.data
 def test_amp_leaves_gradients_to_the_loss_scaler(batches, hub):
     """AmpOptimWrapper (bf16 autocast, dynamic loss scaling): a finite loss
     whose scaled gradient overflows is not skipped; the scaler skips the
@@ -297,6 +302,7 @@ class _PoisonClsHook(Hook):
         self._ctx.__exit__(None, None, None)
 
 
+@pytest.mark.data
 def test_count_survives_resume_and_error_names_checkpoint(demo_root, tmp_path):
     """2 skipped iterations, a checkpoint, a resumed run: its first
     iteration is the 3rd skip in a row (max_consecutive=3), so it stops
@@ -365,6 +371,8 @@ def _dist_worker(rank, world_size, root, placement, out_dir):
     torch.save(record, Path(out_dir) / f'rank{rank}.pt')
 
 
+@pytest.mark.data
+@pytest.mark.dist
 @pytest.mark.parametrize('placement', ['all', 'split'])
 def test_distributed_ranks_take_the_same_decision(demo_root, tmp_path,
                                                   placement):

@@ -15,7 +15,7 @@ from _simt_common import REPO, make_demo_data
 
 DEMO = REPO / 'configs' / 'gppf' / 'gppf_lego-r18_1xb8-8-32-1k_gppf-demo.py'
 MAX_ITERS = 14
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data, pytest.mark.timeout(1200)]
 
 
 def _config(path: Path, probe: Path, num_workers: int = 0, **kill) -> Path:

@@ -28,6 +28,7 @@ def _runner(data_root, work_dir, max_iters=4, keep=-1, hooks=()):
     return Runner(**cfg)
 
 
+@pytest.mark.data
 def test_keeps_the_newest_and_leaves_no_temporary_file(data_root, tmp_path):
     runner = _runner(data_root, tmp_path, max_iters=6, keep=1)
     runner.train()
@@ -41,6 +42,7 @@ def test_keeps_the_newest_and_leaves_no_temporary_file(data_root, tmp_path):
     assert len(states) == 1 and set(states[0]) >= {'python', 'numpy', 'torch'}
 
 
+@pytest.mark.data
 def test_a_failed_write_keeps_the_last_checkpoint(data_root, tmp_path,
                                                   monkeypatch):
     runner = _runner(data_root, tmp_path, max_iters=4, keep=1)
@@ -74,6 +76,7 @@ class _Poison(Hook):
                     float('nan')
 
 
+@pytest.mark.data
 def test_non_finite_weights_are_never_written(data_root, tmp_path):
     runner = _runner(data_root, tmp_path, max_iters=6, hooks=[_Poison()])
     with pytest.raises(RuntimeError) as info:

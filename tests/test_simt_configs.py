@@ -94,8 +94,9 @@ def test_pretraining_config_builds(stub_data, tmp_path, path, tasks,
         library = libraries[task.rsplit('_', 1)[1]]
         assert model.task_scopes[task] == library
         assert type(model.tasks[task]).__module__.startswith(library)
-        assert type(model.data_preprocessor.preprocessors[task]
-                    ).__module__.startswith(library)
+        assert type(
+            model.data_preprocessor.preprocessors[task]).__module__.startswith(
+                library)
         assert model.tasks[task].backbone is model.backbone
     assert type(model.backbone).__name__ == 'LegoResNet'
     assert isinstance(runner.train_loop, SIMTTrainLoop)
@@ -117,6 +118,7 @@ def _reroot(obj, old, new):
     return obj
 
 
+@pytest.mark.data
 def test_demo_config_trains_and_evaluates(tmp_path):
     root = make_demo_data(tmp_path / 'data', num_train=8, num_val=4)
     cfg = Config.fromfile(str(DEMO))

@@ -19,18 +19,19 @@ from _simt_common import (TASKS, dataloaders, make_demo_data, model_cfg,
                           runner_cfg)
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS, MODELS
 from mmengine.runner import Runner
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import projects.gppf  # noqa: F401
 import projects.gppf.engine  # noqa: F401
-from projects.gppf.engine.task_loaders import shard_sampler
+from projects.gppf.engine import SIMTOptimWrapper
+from projects.gppf.engine.task_loaders import shard_loader_cfg
 from projects.gppf.engine.task_placement import plan_placement, ranks_of
 from projects.gppf.models import SIMTDistributedWrapper
 from projects.gppf.models.lego.layers import LegoBatchNorm
 from projects.gppf.utils.dist_sync import NormStatsSync, default_group
+
+pytestmark = pytest.mark.dist
 
 ITERS = 2
 
@@ -41,7 +42,7 @@ def demo_root(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ helpers
-class _RecordingOptimWrapper(OptimWrapper):
+class _RecordingOptimWrapper(SIMTOptimWrapper):
     """Keeps the (synchronised, unclipped) gradients of its first step."""
 
     def step(self, **kwargs):
@@ -65,7 +66,7 @@ def _build(bn_eval: bool, disjoint: bool):
     model.train()
     if bn_eval:  # per-sample losses: a batch split over ranks is exact
         for m in model.modules():
-            if isinstance(m, (_BatchNorm, LegoBatchNorm)):
+            if isinstance(getattr(m, 'running_mean', None), torch.Tensor):
                 m.eval()
     if disjoint:  # seg on units {2, 3}, the others on {0, 1}, every layer
         router = model.backbone.router
@@ -86,8 +87,8 @@ def _batches(root: Path):
     on every rank: the sampler is not sharded)."""
     out = OrderedDict()
     for task, cfg in dataloaders(root, 'train', 4, False).items():
-        loader = Runner.build_dataloader(cfg, seed=0)
-        shard_sampler(loader, 0, 1, task)
+        loader = Runner.build_dataloader(
+            shard_loader_cfg(cfg, 0, 1, task), seed=0)
         out[task] = next(iter(loader))
     return out
 
@@ -155,6 +156,7 @@ SUBGROUP = dict(
     assignment=[['mnist_det'], ['mnist_det'], ['fmnist_seg', 'fmnist_cls']])
 
 
+@pytest.mark.data
 @pytest.mark.parametrize('placement,disjoint,world_size',
                          [('all', False, 2), ('split', False, 2),
                           ('split', True, 2), (SUBGROUP, False, 3)])
@@ -353,6 +355,7 @@ def _crash_worker(rank, world_size, root, out_dir):
     (Path(out_dir) / 'raised.txt').write_text('no error')
 
 
+@pytest.mark.data
 def test_a_dead_rank_raises_instead_of_hanging(demo_root, tmp_path):
     """A rank that dies mid-run makes the others' next collective raise
     (peer closed, or the process-group timeout) well within the timeout."""
@@ -460,6 +463,8 @@ def _runner_worker(rank, world_size, root, work_dir, placement, out_dir):
     torch.save(runs, Path(out_dir) / f'runner{rank}.pt')
 
 
+@pytest.mark.slow
+@pytest.mark.data
 @pytest.mark.parametrize('placement', ['all', 'split'])
 def test_runner_trains_resumes_and_validates_on_two_ranks(
         demo_root, tmp_path, placement):
@@ -499,6 +504,8 @@ def _replan_worker(rank, world_size, root, work_dir, out_dir):
     torch.save(runs, Path(out_dir) / f'replan{rank}.pt')
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_replanning_moves_tasks_continues_their_data_and_resumes(
         tmp_path_factory, tmp_path):
     """Equal costs put det and cls on rank 0: the first report of the logged

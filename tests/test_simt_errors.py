@@ -31,6 +31,7 @@ def train(cfg):
     Runner.from_cfg(Config(cfg)).train()
 
 
+@pytest.mark.data
 @pytest.mark.parametrize('piece', [
     'train_dataloader', 'val_dataloader', 'val_evaluator', 'model.tasks',
     'model.loss_weights', 'model.data_preprocessor'
@@ -71,6 +72,7 @@ def test_task_without_route_in_backbone():
         MODELS.build(cfg)
 
 
+@pytest.mark.data
 def test_empty_dataset(demo_root, tmp_path):
     ann = json.loads((demo_root / 'mnist_det/annotations/train.json')
                      .read_text())
@@ -85,6 +87,7 @@ def test_empty_dataset(demo_root, tmp_path):
         train(cfg)
 
 
+@pytest.mark.data
 def test_unknown_metric(demo_root, tmp_path):
     cfg = runner_cfg(demo_root, tmp_path, max_iters=1)
     cfg['val_evaluator']['fmnist_seg'] = dict(type='mmseg.IoUMetrick')
@@ -93,6 +96,7 @@ def test_unknown_metric(demo_root, tmp_path):
         train(cfg)
 
 
+@pytest.mark.data
 def test_single_dataloader_instead_of_dict(demo_root, tmp_path):
     cfg = runner_cfg(demo_root, tmp_path, max_iters=1)
     cfg['train_dataloader'] = cfg['train_dataloader']['fmnist_cls']
@@ -100,6 +104,7 @@ def test_single_dataloader_instead_of_dict(demo_root, tmp_path):
         train(cfg)
 
 
+@pytest.mark.data
 def test_task_keyed_loader_with_stock_loop(demo_root, tmp_path):
     cfg = Config(runner_cfg(demo_root, tmp_path, max_iters=1))
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=1)

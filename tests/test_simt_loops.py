@@ -13,6 +13,8 @@ from mmengine.runner import Runner
 import projects.gppf  # noqa: F401
 import projects.gppf.engine  # noqa: F401  (registers the loops)
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture(scope='module')
 def demo_root(tmp_path_factory):

@@ -4,12 +4,14 @@ import copy
 import pytest
 import torch
 from _simt_common import TASKS, dataloaders, make_demo_data, model_cfg
-from mmengine.optim import OptimWrapper
 from mmengine.registry import MODELS
 from mmengine.runner import Runner
 
 import projects.gppf  # noqa: F401
+from projects.gppf.engine import SIMTOptimWrapper
 from tools.analysis_tools.benchmark_simt import benchmark, peak_memory
+
+pytestmark = pytest.mark.data
 
 # Batch sizes that give the three tasks similar activation memory, on a
 # ResNet-18 of 8 base channels so that activations (not gradient buffers)
@@ -28,7 +30,7 @@ def setup(tmp_path_factory):
         assert len(batches[task]['inputs']) == BATCH[task]
     torch.manual_seed(0)
     model = MODELS.build(model_cfg(base=8)).train()
-    wrapper = OptimWrapper(
+    wrapper = SIMTOptimWrapper(
         torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
     return model, batches, wrapper
 

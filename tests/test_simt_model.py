@@ -5,11 +5,11 @@ import pytest
 import torch
 from _float64 import assert_close_to_scale, to_float64
 from _simt_common import dataloaders, make_demo_data, model_cfg
-from mmengine.optim import OptimWrapper
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
 import projects.gppf  # noqa: F401  (registers GPPF)
+from projects.gppf.engine import SIMTAmpOptimWrapper, SIMTOptimWrapper
 from projects.gppf.models import use_task
 
 WEIGHTS = dict(mnist_det=0.5, fmnist_seg=2.0, fmnist_cls=1.0)
@@ -36,7 +36,7 @@ def build(kind='resnet', loss_weights=None):
     return model.train()
 
 
-class _RecordingWrapper(OptimWrapper):
+class _RecordingWrapper(SIMTOptimWrapper):
     """Keeps the gradients it would step with; never changes parameters."""
 
     def step(self, **kwargs):
@@ -54,6 +54,7 @@ def recording_wrapper(model, **kwargs):
     return wrapper
 
 
+@pytest.mark.data
 def test_stock_classes_of_each_library(batches):
     """Preprocessors, heads and their nested losses come from their own
     library, even when the default scope is another library's."""
@@ -138,6 +139,7 @@ def _separate_grads(model, batches, with_aux):
     return total
 
 
+@pytest.mark.data
 @pytest.mark.parametrize('kind', ['resnet', 'lego'])
 def test_simt_gradients_equal_sum_of_tasks(batches, kind):
     model = build(kind, WEIGHTS)
@@ -164,6 +166,7 @@ def test_simt_gradients_equal_sum_of_tasks(batches, kind):
     assert float(log_vars['loss']) == pytest.approx(task_total, rel=1e-5)
 
 
+@pytest.mark.data
 def test_gradient_accumulation_counts_iterations(batches):
     """accumulative_counts=2: two SIMT iterations, one step, mean gradient.
 
@@ -184,6 +187,7 @@ def test_gradient_accumulation_counts_iterations(batches):
         assert_close_to_scale(wrapper.grads[name], grad, name)
 
 
+@pytest.mark.data
 def test_predict_and_forward_modes(batches):
     model = build().eval()
     for task, batch in batches.items():
@@ -198,6 +202,7 @@ def test_predict_and_forward_modes(batches):
         model.val_step(copy.deepcopy(batches['fmnist_cls']), task='nope')
 
 
+@pytest.mark.data
 def test_loss_keys_and_weights(batches):
     model = build(loss_weights=WEIGHTS)
     batch = model.data_preprocessor(
@@ -213,14 +218,15 @@ def test_loss_keys_and_weights(batches):
         model.parse_losses({'loss_x': torch.tensor(1.0)})
 
 
+@pytest.mark.data
 @pytest.mark.skipif(
-    not torch.cuda.is_available(), reason='AmpOptimWrapper needs CUDA')
+    not torch.cuda.is_available(),
+    reason="mmengine's AmpOptimWrapper asserts a GPU")
 def test_simt_amp_fp16_gradients(batches):
     """fp16 AMP: per-task scaled backward then one unscaled step."""
-    from mmengine.optim import AmpOptimWrapper
     model = build().cuda()
     reference = copy.deepcopy(model)
-    wrapper = AmpOptimWrapper(
+    wrapper = SIMTAmpOptimWrapper(
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         loss_scale=1024.0)
     grads = {}
@@ -240,3 +246,70 @@ def test_simt_amp_fp16_gradients(batches):
         torch.testing.assert_close(
             grads[name].float(), grad.float(), rtol=2e-2, atol=2e-3,
             msg=name)
+
+
+def test_preprocessors_move_with_the_model():
+    """``BaseModel.to`` sets the device of every stock preprocessor inside
+    the multi-task one (no override of ours)."""
+    model = build()
+    pre = model.data_preprocessor
+    assert 'to' not in type(pre).__dict__ and 'cuda' not in type(
+        pre).__dict__
+    assert {p.device.type for p in pre.preprocessors.values()} == {'cpu'}
+    model.to('meta')
+    assert pre.device == torch.device('meta')
+    for task, stock in pre.preprocessors.items():
+        assert stock.device == torch.device('meta'), task
+        assert model.tasks[task].data_preprocessor is stock
+    assert next(model.parameters()).device.type == 'meta'
+
+
+def test_task_from_argument_context_or_the_only_one():
+    """One rule everywhere (:func:`resolve_task`): the argument, else the
+    :func:`use_task` context, else the only task."""
+    from projects.gppf.models.task_context import resolve_task
+    tasks = ['a', 'b']
+    assert resolve_task('b', tasks, 'X') == 'b'
+    with use_task('a'):
+        assert resolve_task(None, tasks, 'X') == 'a'
+        assert resolve_task('b', tasks, 'X') == 'b'
+    assert resolve_task(None, ['only'], 'X') == 'only'
+    with pytest.raises(RuntimeError, match='X needs a task'):
+        resolve_task(None, tasks, 'X')
+    with pytest.raises(KeyError, match="unknown task 'c'; X tasks"):
+        resolve_task('c', tasks, 'X')
+    model = build()
+    with use_task('nope'), pytest.raises(KeyError, match="unknown task"):
+        model.data_preprocessor({}, True)
+
+
+def test_norms_say_which_statistics_they_updated():
+    """The statistics a training forward updated, as the norms report them
+    to :class:`NormStatsSync` (the distributed buffer job): a lego norm its
+    route's channels (in the active task's row when kept per task), a
+    per-task norm its task's row, a stock norm all; nothing in eval."""
+    from projects.gppf.models.lego.layers import LegoBatchNorm
+    from projects.gppf.models.lego.task_norm import TaskBatchNorm2d
+    from projects.gppf.utils.dist_sync import NormStatsSync
+    lego = LegoBatchNorm(unit_width=2, num_legos=3, num_tasks=2)
+    task_bn = TaskBatchNorm2d(4, num_tasks=3)
+    stock = torch.nn.BatchNorm2d(4)
+    idle = torch.nn.BatchNorm2d(4).eval()
+    sync = NormStatsSync(torch.nn.ModuleList([lego, task_bn, stock, idle]))
+    assert sync.norms == [lego, task_bn, stock, idle]
+    x = torch.randn(2, 4, 3, 3)
+    lego.task_index = 1
+    lego(x, [0, 2], torch.tensor([0, 1, 4, 5]))
+    lego(x, [1, 2], channels=torch.tensor([2, 3, 4, 5]))  # keyword too
+    task_bn.task_index = 2
+    task_bn(x)
+    stock(x)
+    idle(x)
+    expected = torch.zeros(2, 6)
+    expected[1] = 1.0
+    assert torch.equal(sync.masks[id(lego)], expected)
+    expected = torch.zeros(3, 4)
+    expected[2] = 1.0
+    assert torch.equal(sync.masks[id(task_bn)], expected)
+    assert sync.masks[id(stock)] is True
+    assert sync.masks[id(idle)] is None

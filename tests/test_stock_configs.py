@@ -18,6 +18,8 @@ import pytest
 import torch
 from _simt_common import make_demo_data
 
+pytestmark = [pytest.mark.slow, pytest.mark.data, pytest.mark.timeout(900)]
+
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
           'Shirt', 'Sneaker', 'Bag', 'Ankle boot')

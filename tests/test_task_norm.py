@@ -225,6 +225,7 @@ def _sync_worker(rank, world_size, out_dir):
         Path(out_dir) / f'task_norm{rank}.pt')
 
 
+@pytest.mark.dist
 def test_statistics_synchronise_per_task_over_the_ranks_that_ran_it(tmp_path):
     run_ranks(
         _sync_worker,

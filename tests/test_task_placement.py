@@ -94,28 +94,35 @@ def test_moved_task_continues_its_index_stream():
     """Shard r of n with an offset reads the stream positions after it,
     so the ranks that take a task over draw what nobody drew yet."""
     from mmengine.dataset import InfiniteSampler
+    from mmengine.registry import DATA_SAMPLERS
     from torch.utils.data import DataLoader
 
-    from projects.gppf.engine.task_loaders import shard_sampler
+    from projects.gppf.engine.task_loaders import shard_loader_cfg
 
     data = list(range(20))
     stream = list(itertools.islice(iter(InfiniteSampler(data, seed=3)), 40))
+    cfg = dict(batch_size=2, sampler=dict(type='InfiniteSampler', seed=3))
 
-    def loader():
-        return DataLoader(data, batch_size=2,
-                          sampler=InfiniteSampler(data, seed=3))
+    def loader(rank, world_size, offset=0):
+        sharded = shard_loader_cfg(cfg, rank, world_size, 'x', offset)
+        sampler = DATA_SAMPLERS.build(
+            sharded['sampler'], default_args=dict(dataset=data))
+        return DataLoader(data, batch_size=2, sampler=sampler)
 
     # Rank 0 alone drew 3 batches (6 positions); then 2 ranks take over.
-    first = loader()
-    shard_sampler(first, 0, 1, 'x')
+    first = loader(0, 1)
     drawn = [i for _, b in zip(range(3), first) for i in b.tolist()]
     after = []
     for rank in range(2):
-        ld = loader()
-        shard_sampler(ld, rank, 2, 'x', offset=6)
+        ld = loader(rank, 2, offset=6)
         after.append([i for _, b in zip(range(2), ld) for i in b.tolist()])
     assert drawn == stream[:6]
     assert after[0] == stream[6:14:2] and after[1] == stream[7:14:2]
     assert sorted(drawn + after[0] + after[1]) == sorted(stream[:14])
     with pytest.raises(TypeError, match='only an InfiniteSampler'):
-        shard_sampler(DataLoader(data, batch_size=2), 0, 1, 'x', offset=2)
+        shard_loader_cfg(
+            dict(batch_size=2, sampler=dict(type='DefaultSampler')),
+            0,
+            1,
+            'x',
+            offset=2)

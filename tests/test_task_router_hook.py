@@ -38,6 +38,7 @@ class _RouteRecorder(Hook):
         self.routes.append(runner.model.backbone.router.routed[0].tolist())
 
 
+@pytest.mark.data
 def test_schedule_freeze_scalars_and_heatmaps(tmp_path, fmnist_cls):
     recorder = _RouteRecorder()
     runner = Runner(

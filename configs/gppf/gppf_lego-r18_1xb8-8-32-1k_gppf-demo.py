@@ -224,7 +224,7 @@ val_cfg = dict(type='SIMTValLoop')
 test_cfg = dict(type='SIMTTestLoop')
 
 optim_wrapper = dict(
-    type='OptimWrapper',
+    type='SIMTOptimWrapper',  # one backward per task, one iteration
     optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=10.0),
     paramwise_cfg=dict(

@@ -17,7 +17,8 @@
 # why they are read as values rather than listed in `_base_`).
 from mmengine import Config as __Config
 
-_base_ = ['./_base_/default_runtime.py']
+# runtime (../_base_/default_runtime.py) and schedule
+_base_ = ['./_base_/schedules/schedule_simt_sgd_90k.py']
 
 __dir = '{{ fileDirname }}/_base_/tasks/'
 __files = dict(
@@ -63,8 +64,12 @@ model = dict(
         norm_cfg=dict(type='SyncBN', requires_grad=True),
         norm_eval=False,
         router=dict(temperature=1.0, noise_std=1.0, balance_weight=0.01)),
-    tasks={t: __model(c) for t, c in __cfgs.items()},
-    loss_weights={t: 1.0 for t in __files})
+    tasks={
+        t: __model(c)
+        for t, c in __cfgs.items()
+    },
+    loss_weights={t: 1.0
+                  for t in __files})
 
 train_dataloader = {t: __train_loader(t, c) for t, c in __cfgs.items()}
 val_dataloader = {t: __cfgs[t].val_dataloader for t in __evaluated}
@@ -72,16 +77,11 @@ val_evaluator = {t: __cfgs[t].val_evaluator for t in __evaluated}
 test_dataloader = val_dataloader
 test_evaluator = val_evaluator
 
-train_cfg = dict(type='SIMTTrainLoop', max_iters=150000, val_interval=25000)
-val_cfg = dict(type='SIMTValLoop', tasks=__evaluated)
-test_cfg = dict(type='SIMTTestLoop', tasks=__evaluated)
-
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.04, momentum=0.9, weight_decay=0.0001),
-    clip_grad=dict(max_norm=35, norm_type=2),
-    paramwise_cfg=dict(
-        custom_keys={'backbone.router': dict(decay_mult=0.0)}))
+# The 90k schedule stretched to 150k iterations at twice the batch.
+train_cfg = dict(max_iters=150000, val_interval=25000)
+val_cfg = dict(tasks=__evaluated)
+test_cfg = dict(tasks=__evaluated)
+optim_wrapper = dict(optimizer=dict(lr=0.04))
 param_scheduler = [
     dict(
         type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
@@ -93,9 +93,6 @@ param_scheduler = [
         begin=2000,
         end=150000)
 ]
-default_hooks = dict(
-    checkpoint=dict(
-        type='SafeCheckpointHook', by_epoch=False, interval=10000))
 custom_hooks = [
     dict(
         type='TaskRouterHook',

@@ -15,7 +15,8 @@
 # name (`__`-prefixed names stay out of the final config).
 from mmengine import Config as __Config
 
-_base_ = ['./_base_/default_runtime.py']
+# runtime (../_base_/default_runtime.py) and schedule
+_base_ = ['./_base_/schedules/schedule_simt_sgd_90k.py']
 
 __dir = '{{ fileDirname }}/_base_/tasks/'
 __det = __Config.fromfile(__dir + 'coco_det_faster-rcnn.py')
@@ -62,36 +63,3 @@ val_evaluator = dict(
     ade20k_seg=__seg.val_evaluator,
     in1k_cls=__cls.val_evaluator)
 test_evaluator = val_evaluator
-
-train_cfg = dict(type='SIMTTrainLoop', max_iters=90000, val_interval=10000)
-val_cfg = dict(type='SIMTValLoop')
-test_cfg = dict(type='SIMTTestLoop')
-
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001),
-    clip_grad=dict(max_norm=35, norm_type=2),
-    paramwise_cfg=dict(
-        custom_keys={'backbone.router': dict(decay_mult=0.0)}))
-param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
-        end=1000),
-    dict(
-        type='CosineAnnealingLR',
-        eta_min=0.0002,
-        by_epoch=False,
-        begin=1000,
-        end=90000)
-]
-default_hooks = dict(
-    checkpoint=dict(
-        type='SafeCheckpointHook', by_epoch=False, interval=10000))
-custom_hooks = [
-    dict(
-        type='TaskRouterHook',
-        noise_std=(1.0, 0.0),
-        warmup_iters=2000,
-        freeze_iter=80000,
-        log_interval=50)
-]

@@ -162,7 +162,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available()
                    else 'cpu')
-    p.add_argument('--amp', action='store_true', help='fp16 AmpOptimWrapper')
+    p.add_argument(
+        '--amp', action='store_true', help='fp16 SIMTAmpOptimWrapper')
     p.add_argument('--cfg-options', nargs='+', default=[],
                    help='key=value overrides, e.g. '
                    'train_dataloader.mnist_det.batch_size=4')
@@ -194,7 +195,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     model = model.to(device).train()
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
     if args.amp:
-        optim_cfg['type'] = 'AmpOptimWrapper'
+        optim_cfg['type'] = 'SIMTAmpOptimWrapper'
         optim_cfg.setdefault('loss_scale', 'dynamic')
     wrapper = build_optim_wrapper(model, optim_cfg)
     batches = task_batches(cfg)

@@ -25,8 +25,9 @@ from mmengine.runner.loops import IterBasedTrainLoop
 from ..datasets import GuardedDataset, ResumableBatchSampler
 from ..models.simt_wrapper import SIMTDistributedWrapper
 from ..models.task_config import check_task_sets
+from .simt_optim_wrapper import use_simt_optim_wrapper
 from .task_loaders import (TaskLoaders, build_task_loaders, model_tasks,
-                           shard_sampler, task_keys, train_loader_cfg)
+                           shard_loader_cfg, task_keys, train_loader_cfg)
 from .task_placement import (consumed_samples, format_plan, placement_report,
                              plan_placement, rank_loads, ranks_of)
 
@@ -34,11 +35,10 @@ __all__ = ['SIMTTrainLoop']
 
 
 def _check_wrapper(model: Any) -> None:
-    """Refuse stock wrappers whose ``train_step`` bypasses SIMT's."""
-    if not is_model_wrapper(model):
-        return
-    train_step = getattr(type(model), 'train_step', None)
-    if getattr(train_step, '__module__', '').startswith('mmengine.'):
+    """Refuse model wrappers other than :class:`SIMTDistributedWrapper`
+    (stock ones run one forward and one backward)."""
+    if is_model_wrapper(model) and not isinstance(model,
+                                                  SIMTDistributedWrapper):
         raise TypeError(
             f'SIMTTrainLoop: the model is wrapped by {type(model).__name__}, '
             'whose train_step runs one forward and one backward and '
@@ -70,13 +70,15 @@ class SIMTTrainLoop(IterBasedTrainLoop):
 
     Distributed (:class:`SIMTDistributedWrapper`), ``placement`` decides
     which ranks run which task (:mod:`.task_placement`); each task's dataset
-    is sharded over the ranks that run it.
+    is sharded over the ranks that run it (a :class:`TaskShardSampler` in
+    place of the config's ``InfiniteSampler`` or ``DefaultSampler``).
 
     Args:
         runner (Runner): The runner.
         dataloader (dict[str, dict | DataLoader]): One stock dataloader
             config per task (own batch size, ``InfiniteSampler``, pipeline,
-            dataset in its library's scope).
+            dataset in its library's scope); a built ``DataLoader`` only
+            where every rank runs the task.
         max_iters (int): Total iterations.
         val_begin (int): First iteration that may validate. Default: 1.
         val_interval (int): Validation interval. Default: 1000.
@@ -112,6 +114,7 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             task_keys(dataloader, 'train_dataloader')
         })
         _check_wrapper(runner.model)
+        use_simt_optim_wrapper(runner)  # before the runner builds it
         self._runner = runner
         self.loader_cfgs = dataloader
         self.rank, world_size = get_dist_info()
@@ -199,12 +202,20 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             and ranks[t] == self.task_ranks.get(t)
         }
         seed = self._runner.seed
-        todo = {
-            t:
-            train_loader_cfg(self.loader_cfgs[t], t, seed,
-                             self.bad_samples['max_retries'])
-            for t in mine if t not in keep
-        }
+        todo = {}
+        for task in mine:
+            if task in keep:
+                continue
+            cfg = train_loader_cfg(self.loader_cfgs[task], task, seed,
+                                   self.bad_samples['max_retries'])
+            if len(ranks[task]) != world_size or offsets:
+                cfg = shard_loader_cfg(
+                    cfg,
+                    ranks[task].index(self.rank),
+                    len(ranks[task]),
+                    f'train_dataloader[{task!r}]',
+                    offset=(offsets or {}).get(task, 0))
+            todo[task] = cfg
         built = build_task_loaders(self._runner, todo,
                                    'train_dataloader') if todo else {}
         for task, loader in built.items():
@@ -213,13 +224,6 @@ class SIMTTrainLoop(IterBasedTrainLoop):
             loader.generator = torch.Generator().manual_seed(seed or 0)
             if isinstance(loader.batch_sampler, ResumableBatchSampler):
                 loader.batch_sampler.start_at(start)
-            if len(ranks[task]) != world_size or offsets:
-                shard_sampler(
-                    loader,
-                    ranks[task].index(self.rank),
-                    len(ranks[task]),
-                    f'train_dataloader[{task!r}]',
-                    offset=(offsets or {}).get(task, 0))
         return OrderedDict(
             (t, keep[t] if t in keep else built[t]) for t in mine)
 

@@ -7,7 +7,6 @@ for seeding). :class:`TaskLoaders` is that one object for a dict of stock
 dataloaders keyed by task; iterating it yields one batch per task.
 """
 import copy
-import itertools
 from collections import OrderedDict
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
                     Union)
@@ -21,7 +20,7 @@ from ..models.task_config import check_task_name, scope_of, with_scope
 
 __all__ = [
     'TaskLoaders', 'build_task_loaders', 'build_task_evaluators',
-    'model_tasks', 'task_keys', 'shard_sampler', 'train_loader_cfg'
+    'model_tasks', 'task_keys', 'shard_loader_cfg', 'train_loader_cfg'
 ]
 
 
@@ -235,54 +234,90 @@ def model_tasks(runner) -> List[str]:
     return list(names)
 
 
-def shard_sampler(loader: DataLoader,
-                  rank: int,
-                  world_size: int,
-                  where: str,
-                  offset: int = 0) -> None:
-    """Make ``loader`` read shard ``rank`` of ``world_size`` of its dataset.
+def shard_loader_cfg(cfg: Any,
+                     rank: int,
+                     world_size: int,
+                     where: str,
+                     offset: int = 0) -> dict:
+    """A dataloader config that reads shard ``rank`` of ``world_size``.
 
-    mmengine's samplers shard over all ranks when built; under the
-    ``split`` placement a task's dataset is sharded over the ranks that run
-    the task instead. ``InfiniteSampler`` and ``DefaultSampler`` (also
-    inside a batch sampler such as mmdet's ``AspectRatioBatchSampler``) are
-    supported.
+    mmengine's samplers shard over all ranks; under the ``split`` placement
+    a task's dataset is sharded over the ranks that run the task instead.
+    The config's ``InfiniteSampler`` or ``DefaultSampler`` becomes a
+    :class:`TaskShardSampler` with the same arguments, hence the same index
+    stream (a ``TaskShardSampler`` is sharded again).
 
     Args:
+        cfg (dict): The task's dataloader config.
+        rank (int): This rank's position among the task's ranks.
+        world_size (int): Number of ranks that run the task.
+        where (str): Name of the config, for errors.
         offset (int): ``InfiniteSampler`` only: positions of its endless
             index stream already used (by the ranks that ran the task
             before a new placement); this shard continues after them.
 
     Raises:
-        TypeError: Another sampler type, or an offset for a sampler that is
-            not an ``InfiniteSampler`` (naming ``where``).
+        TypeError: A built ``DataLoader``, another sampler type, or an
+            offset for a sampler that is not an ``InfiniteSampler``
+            (naming ``where``).
     """
-    from mmengine.dataset import DefaultSampler, InfiniteSampler
-    batch_sampler = getattr(loader, 'batch_sampler', None)
-    sampler = getattr(batch_sampler, 'sampler', None) or loader.sampler
-    if isinstance(sampler, InfiniteSampler):
-        sampler.rank, sampler.world_size = rank, world_size
-        sampler.indices = itertools.islice(sampler._infinite_indices(),
-                                           offset + rank, None, world_size)
-    elif offset:
-        raise TypeError(f'{where}: only an InfiniteSampler can continue its '
-                        f'index stream on other ranks, got '
-                        f'{type(sampler).__name__}')
-    elif isinstance(sampler, DefaultSampler):
-        sampler.rank, sampler.world_size = rank, world_size
-        size = len(sampler.dataset)
-        if sampler.round_up:
-            sampler.num_samples = -(-size // world_size)
-            sampler.total_size = sampler.num_samples * world_size
-        else:
-            sampler.num_samples = -(-(size - rank) // world_size)
-            sampler.total_size = size
+    built = cfg if not isinstance(cfg, Mapping) else cfg.get('sampler')
+    if built is not None and not isinstance(built, Mapping):
+        raise TypeError(
+            f"{where}: placement 'split' builds each task's sampler for the "
+            'ranks that run the task and needs a dataloader config with a '
+            f'sampler config, got a built {type(built).__name__}')
+    cfg = copy.deepcopy(dict(cfg))
+    sampler = dict(cfg.get('sampler') or {})
+    kind = sampler.pop('type', '')
+    name = (kind if isinstance(kind, str) else getattr(kind, '__name__',
+                                                       '')).split('.')[-1]
+    shown = name or 'a dataloader without a sampler config'
+    if name == 'TaskShardSampler':
+        infinite = sampler.get('infinite', True)
     else:
+        infinite = name == 'InfiniteSampler'
+    if offset and not infinite:
+        raise TypeError(f'{where}: only an InfiniteSampler can continue its '
+                        f'index stream on other ranks, got {shown}')
+    if name not in ('InfiniteSampler', 'DefaultSampler', 'TaskShardSampler'):
         raise TypeError(
             f"{where}: placement 'split' shards each task's dataset over the "
             'ranks that run the task and can do so for mmengine\'s '
-            f'InfiniteSampler and DefaultSampler, not '
-            f'{type(sampler).__name__}')
+            f'InfiniteSampler and DefaultSampler, not {shown}')
+    cfg['sampler'] = dict(
+        sampler,
+        type='TaskShardSampler',
+        infinite=infinite,
+        rank=rank,
+        world_size=world_size,
+        offset=offset)
+    return cfg
+
+
+def _diff_rank_seed(runner) -> bool:
+    """``randomness.diff_rank_seed`` of the run's config (False if unset,
+    or for a runner built without a config)."""
+    randomness = (getattr(runner, 'cfg', None) or {}).get('randomness')
+    return bool((randomness or {}).get('diff_rank_seed', False))
+
+
+def _empty_dataset(cfg: Any) -> bool:
+    """Whether the stock dataset of the config ``cfg`` has no sample.
+
+    Built again without serialisation: mmengine's ``BaseDataset`` fails to
+    serialise an empty data list. False when that build fails too.
+    """
+    from mmengine.registry import DATASETS
+    while isinstance(cfg, Mapping) and cfg.get('type') in ('GuardedDataset',
+                                                           GuardedDataset):
+        cfg = cfg.get('dataset')
+    if not isinstance(cfg, Mapping):
+        return False
+    try:
+        return len(DATASETS.build(dict(cfg, serialize_data=False))) == 0
+    except Exception:
+        return False
 
 
 def _reraise(err: Exception, prefix: str) -> None:
@@ -339,7 +374,7 @@ def build_task_loaders(runner, cfgs: Mapping[str, Union[DataLoader, dict]],
     Raises:
         ValueError: A task's dataset is empty (naming the task).
     """
-    diff_rank_seed = runner._randomness_cfg.get('diff_rank_seed', False)
+    diff_rank_seed = _diff_rank_seed(runner)
     loaders: Dict[str, DataLoader] = OrderedDict()
     for task in task_keys(cfgs, where):
         cfg = cfgs[task]
@@ -352,9 +387,11 @@ def build_task_loaders(runner, cfgs: Mapping[str, Union[DataLoader, dict]],
                 cfg = runner.build_dataloader(
                     cfg, seed=runner.seed, diff_rank_seed=diff_rank_seed)
         except Exception as e:
-            if 'need at least one array to concatenate' in str(e):
-                # mmengine's BaseDataset serialises an empty data list so.
-                dataset = cfgs[task].get('dataset', {})
+            dataset = cfg.get('dataset') if isinstance(cfg, Mapping) else None
+            if _empty_dataset(dataset):
+                while dataset.get('type') in ('GuardedDataset',
+                                              GuardedDataset):
+                    dataset = dataset['dataset']
                 raise ValueError(f'{where}[{task!r}]: the dataset is empty '
                                  f'({dataset.get("type")}, ann_file='
                                  f'{dataset.get("ann_file")!r}, data_root='

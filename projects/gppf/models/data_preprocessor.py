@@ -6,7 +6,7 @@ from mmengine.model import BaseDataPreprocessor
 from mmengine.registry import MODELS
 
 from .task_config import check_task_name, with_scope
-from .task_context import current_task
+from .task_context import resolve_task
 
 __all__ = ['MultiTaskDataPreprocessor']
 
@@ -31,7 +31,8 @@ class MultiTaskDataPreprocessor(BaseDataPreprocessor):
     The stock preprocessors keep their own conventions (mmpretrain spells its
     colour flag ``to_rgb``, mmdet and mmseg ``bgr_to_rgb``; mmseg's requires
     images of one size in a batch outside training). They move to the
-    model's device with the model.
+    model's device with the model (``BaseModel.to``/``cuda``/``cpu`` set the
+    device of every ``BaseDataPreprocessor`` inside the model).
 
     Args:
         preprocessors (dict[str, dict | nn.Module]): Stock preprocessor per
@@ -50,9 +51,8 @@ class MultiTaskDataPreprocessor(BaseDataPreprocessor):
         for task, cfg in preprocessors.items():
             check_task_name(task)
             if not isinstance(cfg, nn.Module):
-                cfg = MODELS.build(
-                    with_scope(cfg, f'data_preprocessor.preprocessors'
-                               f'[{task!r}]'))
+                where = f'data_preprocessor.preprocessors[{task!r}]'
+                cfg = MODELS.build(with_scope(cfg, where))
             self.preprocessors[task] = cfg
 
     @property
@@ -72,44 +72,12 @@ class MultiTaskDataPreprocessor(BaseDataPreprocessor):
                 ``data_samples``: list of the library's data samples).
             training (bool): Training-time behaviour (padding, batch
                 augments). Default: False.
-            task (str, optional): The task; defaults to
-                :func:`current_task`.
+            task (str, optional): The task; else :func:`current_task`,
+                else the only task (:func:`resolve_task`).
 
         Returns:
             dict: ``inputs`` (B, C, H', W') float tensor on the model's
             device and ``data_samples``, as the stock preprocessor returns.
         """
-        task = task or current_task()
-        if task is None:
-            if len(self.preprocessors) != 1:
-                raise RuntimeError(
-                    'MultiTaskDataPreprocessor needs a task: pass task= or '
-                    f'run inside use_task(name); tasks: {self.tasks}')
-            task = self.tasks[0]
-        if task not in self.preprocessors:
-            raise KeyError(f'no data preprocessor for task {task!r}; '
-                           f'tasks: {self.tasks}')
+        task = resolve_task(task, self.tasks, type(self).__name__)
         return self.preprocessors[task](data, training)
-
-    def _sync_device(self) -> None:
-        for preprocessor in self.preprocessors.values():
-            if isinstance(preprocessor, BaseDataPreprocessor):
-                preprocessor._device = self._device
-
-    def to(self, *args, **kwargs) -> nn.Module:
-        """Move to a device, the stock preprocessors included."""
-        out = super().to(*args, **kwargs)
-        self._sync_device()
-        return out
-
-    def cuda(self, *args, **kwargs) -> nn.Module:
-        """Move to the current CUDA device, stock preprocessors included."""
-        out = super().cuda(*args, **kwargs)
-        self._sync_device()
-        return out
-
-    def cpu(self, *args, **kwargs) -> nn.Module:
-        """Move to the CPU, the stock preprocessors included."""
-        out = super().cpu(*args, **kwargs)
-        self._sync_device()
-        return out

@@ -3,14 +3,25 @@
 Each task is the model its own library builds from its usual config (an
 mmdet detector, an mmseg segmentor, an mmpretrain classifier), except that
 its ``backbone`` attribute is the one shared backbone. Nothing of the three
-libraries is re-implemented: ``loss()`` and ``predict()`` are the stock ones,
-run inside :func:`use_task` so that a lego backbone picks the task's route.
+libraries is re-implemented: ``loss()``, ``predict()`` and ``parse_losses()``
+are the stock ones; the task is passed explicitly down to the stock call,
+which runs inside :func:`use_task` so that a lego backbone picks the task's
+route.
+
+One SIMT training iteration, :meth:`GPPF.train_step`, reads like
+detectron2's ``SimpleTrainer.run_step``: per task, preprocess, stock loss,
+weighted backward; then the router's auxiliary loss; then one optimizer
+iteration. Where it runs (one process, or one rank of several) is a
+:class:`SingleProcessStep` (the default) or the distributed wrapper's
+subclass of it.
 """
 import copy
 import inspect
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from contextlib import nullcontext
+from typing import (Any, ContextManager, Dict, List, Mapping, Optional, Tuple,
+                    Union)
 
 import torch
 import torch.nn as nn
@@ -23,11 +34,13 @@ from mmengine.utils import is_list_of
 
 from .nonfinite import NonFiniteGuard, scales_loss
 from .task_config import check_task_name, check_task_sets, with_scope
-from .task_context import current_task, use_task
+from .task_context import resolve_task, use_task
 
-__all__ = ['GPPF', 'SharedBackboneSlot']
+__all__ = ['GPPF', 'SharedBackboneSlot', 'SingleProcessStep']
 
 ForwardResults = Union[Dict[str, torch.Tensor], list, tuple, torch.Tensor]
+#: a loss and its log variables, as ``BaseModel.parse_losses`` returns them
+LossAndLogs = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
 @MODELS.register_module()
@@ -155,17 +168,17 @@ class GPPF(BaseModel):
                 "backbone weights through model.backbone's init_cfg",
                 logger='current')
         model = MODELS.build(cfg)
-        modules = model._modules
-        if not isinstance(modules.get('backbone'), SharedBackboneSlot):
+        children = dict(model.named_children())
+        if not isinstance(children.get('backbone'), SharedBackboneSlot):
             raise TypeError(f'model.tasks[{name!r}] ({type(model).__name__}) '
                             'does not keep its backbone as `.backbone`')
         # Plain references (not sub-modules): the shared backbone and the
         # task's stock preprocessor are registered once, in GPPF.
-        del modules['backbone']
+        delattr(model, 'backbone')
         object.__setattr__(model, 'backbone', self.backbone)
         stock = getattr(self.data_preprocessor, 'preprocessors', {})
-        if name in stock and 'data_preprocessor' in modules:
-            del modules['data_preprocessor']
+        if name in stock and 'data_preprocessor' in children:
+            delattr(model, 'data_preprocessor')
             object.__setattr__(model, 'data_preprocessor', stock[name])
         return model
 
@@ -175,17 +188,7 @@ class GPPF(BaseModel):
         return list(self.tasks.keys())
 
     def _task(self, task: Optional[str]) -> str:
-        task = task or current_task()
-        if task is None:
-            if len(self.tasks) != 1:
-                raise RuntimeError('GPPF needs a task: pass task= or run '
-                                   f'inside use_task(name); tasks: '
-                                   f'{self.task_names}')
-            task = self.task_names[0]
-        if task not in self.tasks:
-            raise KeyError(f'unknown task {task!r}; GPPF tasks: '
-                           f'{self.task_names}')
-        return task
+        return resolve_task(task, self.task_names, 'GPPF')
 
     # ------------------------------------------------------------- forward
     def forward(self,
@@ -199,7 +202,8 @@ class GPPF(BaseModel):
             inputs (Tensor): (B, C, H, W) batch from the task's preprocessor.
             data_samples (list, optional): The task library's data samples.
             mode (str): ``'loss'``, ``'predict'`` or ``'tensor'``.
-            task (str, optional): Defaults to :func:`current_task`.
+            task (str, optional): The task; else :func:`current_task`, else
+                the only task.
 
         Returns:
             ``'loss'``: dict of losses keyed ``<task>/<loss name>``;
@@ -207,11 +211,17 @@ class GPPF(BaseModel):
             ``'tensor'``: the stock model's raw outputs.
         """
         task = self._task(task)
-        with use_task(task):
-            out = self.tasks[task](inputs, data_samples, mode=mode)
+        out = self._stock(task, inputs, data_samples, mode)
         if mode == 'loss':
             return OrderedDict((f'{task}/{k}', v) for k, v in out.items())
         return out
+
+    def _stock(self, task: str, inputs: torch.Tensor,
+               data_samples: Optional[list], mode: str) -> ForwardResults:
+        """The stock model of ``task`` in ``mode``, inside :func:`use_task`
+        (what a lego backbone reads to pick the task's route)."""
+        with use_task(task):
+            return self.tasks[task](inputs, data_samples, mode=mode)
 
     def loss(self, task: str, inputs: torch.Tensor,
              data_samples: list) -> Dict[str, torch.Tensor]:
@@ -225,45 +235,52 @@ class GPPF(BaseModel):
         """The stock ``predict()`` of ``task``: a list of data samples."""
         return self(inputs, data_samples, mode='predict', task=task)
 
-    def parse_losses(
-        self,
-        losses: Mapping[str,
-                        Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """mmengine's loss parsing with per-task weights.
-
-        Keys are ``<task>/<name>``. As in :meth:`BaseModel.parse_losses`,
-        each value (tensor or list of tensors) is mean-reduced (and summed
-        over the list) and the names containing ``'loss'`` are summed; each
-        task's sum is multiplied by its weight.
+    def task_loss(self, task: str, losses: Mapping[str, Any]) -> LossAndLogs:
+        """Parse one task's stock losses with the task model's own
+        ``parse_losses`` (mmengine's ``BaseModel.parse_losses``: each value
+        mean-reduced, the names containing ``'loss'`` summed) and apply the
+        task's weight.
 
         Args:
-            losses (dict): Losses of one or several tasks.
+            task (str): The task.
+            losses (dict): Its stock model's ``loss()`` (unprefixed keys).
+
+        Returns:
+            tuple: The weighted loss (0-dim tensor) and the log variables
+            ``<task>/<name>`` (unweighted, one per entry of ``losses``).
+        """
+        loss, parsed = self.tasks[task].parse_losses(losses)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f'task {task!r}: no loss found among '
+                             f'{list(losses)}')
+        log_vars = OrderedDict((f'{task}/{k}', parsed[k]) for k in losses)
+        return self.loss_weights[task] * loss, log_vars
+
+    def parse_losses(self, losses: Mapping[str, Any]) -> LossAndLogs:
+        """Losses of one or several tasks keyed ``<task>/<name>`` (what
+        :meth:`loss` returns), parsed per task by :meth:`task_loss`.
 
         Returns:
             tuple: The weighted total (0-dim tensor) and the log variables:
             ``loss`` (the weighted total) then every ``<task>/<name>``
             (unweighted).
         """
-        log_vars: Dict[str, torch.Tensor] = OrderedDict()
-        total: Union[int, torch.Tensor] = 0
+        per_task: Dict[str, Dict[str, Any]] = OrderedDict()
         for key, value in losses.items():
             task, _, name = key.partition('/')
             if not name or task not in self.tasks:
                 raise KeyError(f'loss {key!r} is not keyed <task>/<name> '
                                f'with a task of {self.task_names}')
-            if isinstance(value, torch.Tensor):
-                value = value.mean()
-            elif is_list_of(value, torch.Tensor):
-                value = sum(v.mean() for v in value)
-            else:
-                raise TypeError(f'{key} is not a tensor or list of tensors')
-            log_vars[key] = value
-            if 'loss' in name:
-                total = total + self.loss_weights[task] * value
-        if not isinstance(total, torch.Tensor):
-            raise ValueError(f'no loss found among {list(losses)}')
-        log_vars = OrderedDict([('loss', total)] + list(log_vars.items()))
-        return total, log_vars
+            per_task.setdefault(task, OrderedDict())[name] = value
+        if not per_task:
+            raise ValueError('no loss found: the losses are empty')
+        total: Union[int, torch.Tensor] = 0
+        log_vars: Dict[str, torch.Tensor] = OrderedDict()
+        for task, task_losses in per_task.items():
+            loss, task_vars = self.task_loss(task, task_losses)
+            total = total + loss
+            log_vars.update(task_vars)
+        return total, OrderedDict([('loss', total)] + list(log_vars.items()))
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """The backbone's weighted ``aux_loss()``, or ``None`` if it has
@@ -274,10 +291,14 @@ class GPPF(BaseModel):
         return self.aux_loss_weight * aux()
 
     # ---------------------------------------------------------------- steps
-    def train_step(self, data: Mapping[str, Any],
-                   optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+    def train_step(
+            self,
+            data: Mapping[str, Any],
+            optim_wrapper: OptimWrapper,
+            step: Optional['SingleProcessStep'] = None
+    ) -> Dict[str, torch.Tensor]:
         """One SIMT iteration: every task forward and backward in turn, then
-        the router's auxiliary loss, then one optimizer step.
+        the router's auxiliary loss, then one optimizer iteration.
 
         One task's activations are freed (by its backward) before the next
         task runs, so the peak memory is that of the largest task, not of
@@ -286,10 +307,14 @@ class GPPF(BaseModel):
         Args:
             data (dict[str, dict]): One batch per task, as its dataloader
                 gives it.
-            optim_wrapper (OptimWrapper): ``OptimWrapper`` or a subclass
-                (``AmpOptimWrapper``); loss scaling, gradient clipping and
-                accumulation behave as in ``update_params``: one call of this
-                method counts as one iteration.
+            optim_wrapper (SIMTOptimWrapper): A SIMT optimizer wrapper
+                (``SIMTOptimWrapper``, ``SIMTAmpOptimWrapper``): its
+                ``backward`` counts nothing, its ``end_iteration`` counts
+                one iteration and steps when due, so loss scaling, gradient
+                clipping and accumulation behave as in ``update_params``.
+            step (SingleProcessStep, optional): Where the step runs; the
+                distributed wrapper passes its rank's. Default: one
+                process.
 
         Returns:
             dict: ``loss`` (weighted total of the tasks not skipped),
@@ -305,120 +330,110 @@ class GPPF(BaseModel):
         if not isinstance(data, Mapping) or not data:
             raise TypeError('GPPF.train_step expects a dict of batches keyed '
                             'by task (see SIMTTrainLoop)')
+        tasks = [self._task(task) for task in data]
+        _check_optim_wrapper(optim_wrapper)
+        step = step or SingleProcessStep()
+        losses: Dict[str, torch.Tensor] = OrderedDict()
         log_vars: Dict[str, torch.Tensor] = OrderedDict()
-        total = 0.0
-        for task in data:
-            task_vars = self.task_backward(task, data[task], optim_wrapper)
-            total = total + task_vars.pop('loss')
+        for task in tasks:  # preprocess, stock loss, weighted backward
+            with step.task_scope(task):
+                losses[task], task_vars = self.task_backward(
+                    task, data[task], optim_wrapper, step)
             log_vars.update(task_vars)
-        aux_vars = self.aux_backward(optim_wrapper)
-        total = total + aux_vars.pop('loss', 0.0)
+        step.exchange_routes()  # distributed: the routes of every rank
+        losses['router'], aux_vars = self.aux_backward(optim_wrapper, step)
         log_vars.update(aux_vars)
-        self.finish_step(optim_wrapper)
-        out = OrderedDict([('loss', total)] + list(log_vars.items()))
+        optim_wrapper.end_iteration()  # count; when due: sync, step, zero
+        step.sync_buffers()  # distributed: norm statistics
+        out = step.gather(losses, log_vars, optim_wrapper)
         self.nonfinite.record(out)
         return out
 
     def task_backward(
-        self,
-        task: str,
-        data: Any,
-        optim_wrapper: OptimWrapper,
-        grad_scale: float = 1.0,
-        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    ) -> Dict[str, torch.Tensor]:
-        """Preprocess, forward, weigh and backward one task's batch.
+            self,
+            task: str,
+            data: Any,
+            optim_wrapper: OptimWrapper,
+            step: Optional['SingleProcessStep'] = None) -> LossAndLogs:
+        """Preprocess, stock loss, weigh and backward one task's batch.
 
-        Gradients accumulate in ``.grad``; the optimizer does not step (see
-        :meth:`finish_step`). ``grad_scale`` multiplies the loss before the
-        backward only (a distributed wrapper passes ``1 / ranks running the
-        task``). If the loss, the norm statistics the forward updated or
-        the gradient is not finite, the task changes nothing
-        (:class:`NonFiniteGuard`); ``agree`` reduces the
-        0/1 flags over the ranks running the task (a distributed wrapper
-        passes an all-reduce ``MIN``). Returns the task's detached, unscaled
-        log variables: ``loss`` (its weighted loss, 0 if skipped),
-        ``<task>/<name>``, ``<task>/time``, ``<task>/skipped``.
+        Gradients accumulate in ``.grad``; the optimizer does not step. The
+        loss is multiplied by ``step.loss_scale(task)`` for the backward
+        only. If the loss, the norm statistics the forward updated or the
+        gradient is not finite (on any rank that ran the task:
+        ``step.agree``), the task changes nothing (:class:`NonFiniteGuard`).
+
+        Returns:
+            tuple: The task's weighted loss (detached; 0 if skipped) and its
+            detached log variables: ``<task>/<name>``, ``<task>/time``,
+            ``<task>/skipped``.
         """
-        task = self._task(task)
         _check_optim_wrapper(optim_wrapper)
+        step = step or SingleProcessStep()
         start = time.perf_counter()
         saved = self.nonfinite.save_buffers(self)
         with optim_wrapper.optim_context(self):
             batch = self.data_preprocessor(data, True, task=task)
-            losses = self(**batch, mode='loss', task=task)
+            losses = self._stock(task, batch['inputs'], batch['data_samples'],
+                                 'loss')
         del batch
-        loss, log_vars = self.parse_losses(losses)
+        loss, log_vars = self.task_loss(task, losses)
         del losses
         kept = self.nonfinite.backward(
             task,
             loss,
-            lambda x: _backward_within_step(optim_wrapper, x * grad_scale),
+            _backward(optim_wrapper, step.loss_scale(task)),
             list(self.parameters()),
             check_grads=not scales_loss(optim_wrapper),
-            agree=agree,
+            agree=step.agree,
             log_vars=log_vars,
             saved=saved)
-        del loss
+        loss = loss.detach()
         if not kept:
             self.nonfinite.discard(self, task, saved)
-            log_vars['loss'] = torch.zeros_like(log_vars['loss'])
+            loss = torch.zeros_like(loss)
         del saved
         if self.sync_task_time and torch.cuda.is_available() and (
                 self.data_preprocessor.device.type == 'cuda'):
             torch.cuda.synchronize()
-        out = OrderedDict((k, v.detach()) for k, v in log_vars.items())
-        out[f'{task}/time'] = torch.tensor(time.perf_counter() - start)
-        out[f'{task}/skipped'] = torch.tensor(float(not kept))
-        return out
+        log_vars = OrderedDict((k, v.detach()) for k, v in log_vars.items())
+        log_vars[f'{task}/time'] = torch.tensor(time.perf_counter() - start)
+        log_vars[f'{task}/skipped'] = torch.tensor(float(not kept))
+        return loss, log_vars
 
     def aux_backward(
-        self,
-        optim_wrapper: OptimWrapper,
-        grad_scale: float = 1.0,
-        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    ) -> Dict[str, torch.Tensor]:
+            self,
+            optim_wrapper: OptimWrapper,
+            step: Optional['SingleProcessStep'] = None) -> LossAndLogs:
         """Backward the backbone's auxiliary loss of the tasks run since the
-        last call (no-op for a backbone without ``aux_loss``); the loss is
-        multiplied by ``grad_scale`` for the backward only. A non-finite
-        aux loss (or gradient) is skipped like a task's, as ``router``
-        (``agree`` as in :meth:`task_backward`, over all ranks)."""
+        last call, multiplied by ``step.loss_scale(None)`` for the backward
+        only. A non-finite aux loss (or gradient) is skipped like a task's,
+        as ``router`` (``step.agree`` over all ranks).
+
+        Returns:
+            tuple: The weighted aux loss (detached; 0 if skipped or without
+            an aux loss) and ``router/loss_aux``, ``router/skipped`` (empty
+            for a backbone without ``aux_loss``).
+        """
+        step = step or SingleProcessStep()
         aux = self.aux_loss()
         if aux is None:
-            return {}
+            return torch.zeros(()), OrderedDict()
         kept = True
         if aux.requires_grad:
             kept = self.nonfinite.backward(
                 'router',
                 aux,
-                lambda x: _backward_within_step(optim_wrapper, x * grad_scale),
+                _backward(optim_wrapper, step.loss_scale(None)),
                 list(self.parameters()),
                 check_grads=not scales_loss(optim_wrapper),
-                agree=agree,
+                agree=step.agree,
                 log_vars={'router/loss_aux': aux})
         aux = aux.detach()
-        return OrderedDict(
-            loss=aux if kept else torch.zeros_like(aux),
-            **{
-                'router/loss_aux': aux,
-                'router/skipped': torch.tensor(float(not kept))
-            })
-
-    def finish_step(self,
-                    optim_wrapper: OptimWrapper,
-                    before_step: Optional[Callable[[], None]] = None) -> None:
-        """Count the iteration and step/zero the optimizer when
-        ``update_params`` would (every ``accumulative_counts`` iterations).
-
-        ``before_step`` runs right before the step (a distributed wrapper
-        synchronises the gradients there, before clipping and unscaling).
-        """
-        optim_wrapper._inner_count += 1
-        if optim_wrapper.should_update():
-            if before_step is not None:
-                before_step()
-            optim_wrapper.step()
-            optim_wrapper.zero_grad()
+        return (aux if kept else torch.zeros_like(aux)), OrderedDict([
+            ('router/loss_aux', aux),
+            ('router/skipped', torch.tensor(float(not kept))),
+        ])
 
     def val_step(self, data: Any, task: Optional[str] = None) -> list:
         """Preprocess (``training=False``) and predict one task's batch; the
@@ -426,32 +441,76 @@ class GPPF(BaseModel):
         sets), so model wrappers that call ``module.val_step(data)`` work."""
         task = self._task(task)
         data = self.data_preprocessor(data, False, task=task)
-        return self(**data, mode='predict', task=task)
+        return self._stock(task, data['inputs'], data.get('data_samples'),
+                           'predict')
 
     def test_step(self, data: Any, task: Optional[str] = None) -> list:
         """Same as :meth:`val_step`."""
         return self.val_step(data, task)
 
 
-def _check_optim_wrapper(optim_wrapper: Any) -> None:
-    if not isinstance(optim_wrapper, OptimWrapper):
-        raise TypeError('SIMT needs one OptimWrapper (or AmpOptimWrapper); '
-                        f'got {type(optim_wrapper).__name__}. Use '
-                        'paramwise_cfg for per-module learning rates')
+class SingleProcessStep:
+    """Where a SIMT step runs: here, one process (the default of
+    :meth:`GPPF.train_step`).
 
-
-def _backward_within_step(optim_wrapper: OptimWrapper,
-                          loss: torch.Tensor) -> None:
-    """``update_params``'s scaling and backward, without counting an update.
-
-    ``OptimWrapper.backward`` counts every call in ``_inner_count`` (its
-    documented contract for subclasses), which drives loss scaling for
-    gradient accumulation and ``should_update``. A SIMT iteration calls it
-    once per task, so the count is restored here and advanced once in
-    :meth:`GPPF.finish_step`.
+    :meth:`GPPF.train_step` asks it, in this order: the scope of each
+    task's forward and backward, the factor of each loss and the agreement
+    on its finiteness, the exchange before the router's loss, the buffer
+    job after the optimizer iteration, the log variables.
+    :class:`SIMTDistributedWrapper` passes a subclass that answers for its
+    rank.
     """
-    optim_wrapper.backward(optim_wrapper.scale_loss(loss))
-    optim_wrapper._inner_count -= 1
+
+    def task_scope(self, task: str) -> ContextManager:
+        """Context of ``task``'s forward and backward."""
+        return nullcontext()
+
+    def loss_scale(self, task: Optional[str]) -> float:
+        """Factor of a loss for its backward (``None``: the router's)."""
+        return 1.0
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """The 0/1 finite flags of one loss, agreed by every process that
+        computed it."""
+        return flags
+
+    def exchange_routes(self) -> None:
+        """Before the router's loss: learn the routes of every process."""
+
+    def sync_buffers(self) -> None:
+        """After the optimizer iteration: make buffers agree."""
+
+    def gather(self, losses: Mapping[str, torch.Tensor],
+               log_vars: Mapping[str, torch.Tensor],
+               optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+        """The step's log variables: ``loss`` (the sum of ``losses``, each
+        task's weighted loss and the router's) then ``log_vars``."""
+        total = sum(losses.values())
+        return OrderedDict([('loss', total)] + list(log_vars.items()))
+
+
+def _check_optim_wrapper(optim_wrapper: Any) -> None:
+    if not callable(getattr(optim_wrapper, 'end_iteration', None)):
+        raise TypeError(
+            'GPPF.train_step runs one backward per task and counts one '
+            'iteration: it needs a SIMT optimizer wrapper, e.g. '
+            "optim_wrapper=dict(type='SIMTOptimWrapper', ...) or "
+            "'SIMTAmpOptimWrapper' (SIMTTrainLoop turns OptimWrapper and "
+            'AmpOptimWrapper configs into them; in code, build '
+            'projects.gppf.engine.SIMTOptimWrapper); got '
+            f'{type(optim_wrapper).__name__}. Use paramwise_cfg for '
+            'per-module learning rates')
+
+
+def _backward(optim_wrapper: OptimWrapper, factor: float):
+    """Backward of one loss of a SIMT iteration: ``factor`` (the step's
+    loss scale), then the optimizer wrapper's accumulation scaling, as in
+    ``update_params``; the SIMT wrapper's ``backward`` counts nothing."""
+
+    def run(loss: torch.Tensor) -> None:
+        optim_wrapper.backward(optim_wrapper.scale_loss(loss * factor))
+
+    return run
 
 
 def _loss_weights(weights: Optional[Mapping[str, float]],

@@ -9,9 +9,10 @@ pickle as ``getattr(HistoryBuffer, 'mean')``), so ``resume=True`` and
 checkpoints contain (found with ``torch.serialization.
 get_unsafe_globals_in_checkpoint`` on a real Runner checkpoint). ``getattr``
 is *not* allowed as such: the name is bound to :func:`history_buffer_getattr`,
-which resolves only ``HistoryBuffer``'s own statistics methods. Anything else
-(a function, an arbitrary class, another attribute) is still refused, so a
-checkpoint cannot run code. It runs once on ``import projects.gppf``.
+which resolves only ``HistoryBuffer``'s own statistics methods
+(:data:`HISTORY_STATISTICS`). Anything else (a function, an arbitrary class,
+another attribute) is still refused, so a checkpoint cannot run code. It
+runs once on ``import projects.gppf``.
 """
 import pickle
 from typing import Any, List
@@ -20,19 +21,20 @@ import numpy as np
 import torch
 
 __all__ = [
-    'mmengine_safe_globals', 'history_buffer_getattr', 'allow_mmengine_globals'
+    'mmengine_safe_globals', 'history_buffer_getattr',
+    'allow_mmengine_globals', 'HISTORY_STATISTICS'
 ]
+
+#: ``HistoryBuffer``'s statistics methods (the ones defined on the class;
+#: a statistic added with ``register_statistics`` is no class attribute).
+HISTORY_STATISTICS = ('min', 'max', 'current', 'mean')
 
 
 def history_buffer_getattr(obj: Any, name: str) -> Any:
     """``getattr`` restricted to ``HistoryBuffer``'s statistics methods."""
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    # The defaults are registered on the first HistoryBuffer() only; a
-    # fresh process loading a checkpoint may not have made one yet.
-    allowed = set(
-        HistoryBuffer._statistics_methods) | {'min', 'max', 'current', 'mean'}
-    if obj is HistoryBuffer and name in allowed:
+    if obj is HistoryBuffer and name in HISTORY_STATISTICS:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'refused getattr({obj!r}, {name!r}) in a weights-only checkpoint')

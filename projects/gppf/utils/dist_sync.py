@@ -6,16 +6,15 @@ with tensors of the same shapes, whatever tasks or lego units a rank ran:
 which tensors take part is agreed first with a small all-reduce, so no
 collective can wait for a rank that has nothing to send.
 """
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.dist import all_reduce_params
 from torch.distributed import ProcessGroup
-from torch.distributed.distributed_c10d import _world
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .compat import default_group
 
 __all__ = [
     'sync_partial_grads', 'NormStatsSync', 'default_group',
@@ -60,61 +59,58 @@ def sync_partial_grads(params: Sequence[nn.Parameter],
 
 
 class NormStatsSync:
-    """Averages batch-norm running statistics over the ranks that updated
-    them since the last call.
+    """Averages norm running statistics over the ranks that updated them
+    since the last call.
 
-    Forward pre-hooks record, per norm, which channels ran in training
-    mode on this rank: all of a stock ``_BatchNorm`` (stem, downsample and
-    head norms), the route's channels of a lego norm; of a norm that keeps
-    statistics per task, only the row of the task it ran (so each task's
-    statistics are averaged over the ranks that ran the task).
-    :meth:`sync` then
-    replaces each running mean/var element by its mean over the ranks that
-    updated it and leaves the others (identical on every rank) alone;
+    Forward hooks record, per norm, which statistics a training-mode
+    forward updated on this rank: a norm that says so itself (its
+    ``updated_stats_mask(*args, **kwargs)``, given the forward's arguments,
+    returns a 0/1 mask shaped like its ``running_mean``: the route's
+    channels of a lego norm, the active task's row of a norm that keeps
+    statistics per task) or else all of a stock batch norm (stem,
+    downsample and head norms). :meth:`sync` then replaces each running
+    mean/var element by its mean over the ranks that updated it and
+    leaves the others (identical on every rank) alone;
     ``num_batches_tracked`` takes the maximum. With equal per-rank batches
     the averaged running mean equals the single-process momentum update
     with the global batch mean; the running variance misses the
     between-rank spread of the means (``sync_bn='torch'`` avoids that for
     stock norms under the ``'all'`` placement).
 
+    A buffer job at the end of a step, like mmengine's ``SyncBuffersHook``
+    at the end of an epoch, but per element.
+
     Args:
-        module (nn.Module): The model whose norms to track.
+        module (nn.Module): The model whose norms to track: every
+            sub-module with ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` tensors.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        from ..models.lego.layers import LegoBatchNorm
         self.norms: List[nn.Module] = []
-        # Per norm: None (not updated), True (all of a stock norm) or the
-        # channel mask of a lego norm.
+        # Per norm: None (not updated), True (all of it) or a 0/1 mask.
         self.masks: Dict[int, Union[None, bool, torch.Tensor]] = {}
         for m in module.modules():
-            lego = isinstance(m, LegoBatchNorm)
-            stock = isinstance(m, _BatchNorm) and m.running_mean is not None
-            if lego or stock:
+            if all(
+                    isinstance(getattr(m, name, None), torch.Tensor)
+                    for name in ('running_mean', 'running_var',
+                                 'num_batches_tracked')):
                 self.norms.append(m)
                 self.masks[id(m)] = None
-                m.register_forward_pre_hook(
-                    self._lego_hook if lego else self._stock_hook)
+                m.register_forward_hook(self._record, with_kwargs=True)
 
-    def _row(self, m: nn.Module) -> torch.Tensor:
-        """The mask of the statistics ``m`` updates in this forward: the
-        active task's row when it keeps statistics per task."""
-        mask = self.masks[id(m)]
-        if not isinstance(mask, torch.Tensor):
-            mask = self.masks[id(m)] = torch.zeros_like(
-                m.running_mean, dtype=torch.float)
-        return mask[m.task_index] if mask.dim() == 2 else mask
-
-    def _stock_hook(self, m: nn.Module, args: tuple) -> None:
-        if m.training:
-            if m.running_mean.dim() == 2:  # per task
-                self._row(m).fill_(1.0)
-            else:
-                self.masks[id(m)] = True
-
-    def _lego_hook(self, m: nn.Module, args: tuple) -> None:
-        if m.training:
-            self._row(m).index_fill_(0, args[2], 1.0)
+    def _record(self, m: nn.Module, args: tuple, kwargs: dict,
+                output: object) -> None:
+        """After a forward of ``m``: note the statistics it updated."""
+        if not m.training:
+            return
+        ask = getattr(m, 'updated_stats_mask', None)
+        if ask is None:
+            self.masks[id(m)] = True
+            return
+        mask = ask(*args, **kwargs).float()
+        old = self.masks[id(m)]
+        self.masks[id(m)] = mask if old is None else torch.maximum(old, mask)
 
     def sync(self, group: Optional[ProcessGroup] = None) -> int:
         """Average the statistics updated since the last call.
@@ -158,29 +154,6 @@ class NormStatsSync:
             m.num_batches_tracked.copy_(value.view_as(m.num_batches_tracked))
         return (flat.numel() * flat.element_size() +
                 tracked.numel() * tracked.element_size())
-
-
-@contextmanager
-def default_group(group: Optional[ProcessGroup]) -> Iterator[None]:
-    """Make ``group`` the default process group inside the block.
-
-    A task that runs on a subset of the ranks (``split`` placement) runs
-    its stock model in this block, so the collectives that stock heads and
-    norms issue on the default group (mmdet's ``reduce_mean`` of the
-    positive count, ``SyncBatchNorm``) reach exactly the ranks that run the
-    task instead of waiting forever for the others. ``None`` leaves the
-    default group as it is. Uses torch's documented override point
-    ``distributed_c10d._world.default_pg``.
-    """
-    if group is None:
-        yield
-        return
-    previous = _world.default_pg
-    _world.default_pg = group
-    try:
-        yield
-    finally:
-        _world.default_pg = previous
 
 
 def params_requiring_grad(module: nn.Module) -> List[nn.Parameter]:

@@ -15,16 +15,16 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .lego_resnet_blocks import LegoBasicBlock, LegoBottleneck
+from ...utils.compat import BatchNormBase
 from ..lego.convert import load_dense_or_lego, read_state_dict
 from ..lego.layers import LegoBatchNorm, LegoConv2d, route_channels
 from ..lego.packed_state import pack_state, unpack_state
 from ..lego.router import TaskRouter
-from ..task_context import current_task
 from ..lego.task_norm import (TaskNormMixin, affine_biases, affine_weights,
-                        task_norm_cfg)
+                              task_norm_cfg)
+from ..task_context import current_task
+from .lego_resnet_blocks import LegoBasicBlock, LegoBottleneck
 
 __all__ = ['LegoResNet']
 
@@ -375,7 +375,7 @@ class LegoResNet(BaseModule):
         self._freeze_stages()
         if mode and self.norm_eval:
             for m in self.modules():
-                if isinstance(m, (_BatchNorm, LegoBatchNorm)):
+                if isinstance(m, (BatchNormBase, LegoBatchNorm)):
                     m.eval()
         return self
 
@@ -398,7 +398,7 @@ class LegoResNet(BaseModule):
                         m.weight, mode='fan_out', nonlinearity='relu')
                 elif isinstance(m, (LegoConv2d, LegoBatchNorm)):
                     m.reset_parameters()
-                elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+                elif isinstance(m, (BatchNormBase, nn.GroupNorm)):
                     for weight in affine_weights(m):
                         nn.init.constant_(weight, 1)
                     for bias in affine_biases(m):
@@ -408,7 +408,7 @@ class LegoResNet(BaseModule):
                     for weight in affine_weights(block.last_norm):
                         nn.init.constant_(weight, 0)
             self.router.reset_logits()
-        self._is_init = True
+        self.is_init = True
 
     def lego_layout(self) -> Dict[str, object]:
         """What a checkpoint of this backbone must match to load."""

@@ -23,14 +23,40 @@ __all__ = ['LegoBasicBlock', 'LegoBottleneck']
 
 
 class _LegoBlock(nn.Module):
-    """Shared plumbing: shape bookkeeping, downsample, checkpointing."""
+    """Shared plumbing: the constructor, downsample, checkpointing.
+
+    Args:
+        inplanes (int): Input channels.
+        planes (int): Inner width of the dense block; its ``num_active``
+            active units of ``planes // num_active`` channels add up to it.
+        num_legos (int): Units per lego layer.
+        num_active (int): Units a route activates.
+        stride (int): Stride of the block.
+        dilation (int): Dilation of the 3x3 convolution(s).
+        downsample (nn.Module, optional): Projection of the identity.
+        style (str): ``'pytorch'`` (stride on the 3x3 conv) or ``'caffe'``
+            (stride on the first 1x1 conv); bottleneck only.
+        with_cp (bool): Gradient checkpointing of the block.
+        norm_cfg (dict): The shared (residual) norm.
+        unit_norm (dict): Keyword arguments of each ``LegoBatchNorm``.
+    """
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, num_legos: int,
-                 num_active: int, stride: int, dilation: int,
-                 downsample: Optional[nn.Module], style: str, with_cp: bool,
-                 norm_cfg: dict, unit_norm: dict) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        num_legos: int,
+        num_active: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: Optional[nn.Module] = None,
+        style: str = 'pytorch',
+        with_cp: bool = False,
+        norm_cfg: dict = dict(type='BN'),
+        unit_norm: dict = dict()
+    ) -> None:
         super().__init__()
         if planes % num_active:
             raise ValueError(f'block width {planes} is not divisible by '
@@ -44,6 +70,11 @@ class _LegoBlock(nn.Module):
         self.style = style
         self.with_cp = with_cp
         self.downsample = downsample
+        self._build_layers(norm_cfg, unit_norm)
+
+    def _build_layers(self, norm_cfg: dict, unit_norm: dict) -> None:
+        """Add the block's convolutions and norms."""
+        raise NotImplementedError
 
     def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
                gates: torch.Tensor) -> torch.Tensor:
@@ -72,29 +103,12 @@ class LegoBasicBlock(_LegoBlock):
     #: the norm whose affine carries the gates
     gated_norm = 'bn1'
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        num_legos: int,
-        num_active: int,
-        stride: int = 1,
-        dilation: int = 1,
-        downsample: Optional[nn.Module] = None,
-        style: str = 'pytorch',
-        with_cp: bool = False,
-        norm_cfg: dict = dict(type='BN'),
-        unit_norm: dict = dict()
-    ) -> None:
-        super().__init__(inplanes, planes, num_legos, num_active, stride,
-                         dilation, downsample, style, with_cp, norm_cfg,
-                         unit_norm)
-        u = self.unit_width
-        self.conv1 = LegoConv2d(inplanes, u, 3, num_legos, True, False, planes,
-                                stride, dilation, dilation)
-        self.bn1 = LegoBatchNorm(u, num_legos, **unit_norm)
-        self.conv2 = LegoConv2d(u, planes, 3, num_legos, False, True, planes,
-                                1, 1, 1)
+    def _build_layers(self, norm_cfg: dict, unit_norm: dict) -> None:
+        u, n, planes = self.unit_width, self.num_legos, self.planes
+        self.conv1 = LegoConv2d(self.inplanes, u, 3, n, True, False, planes,
+                                self.stride, self.dilation, self.dilation)
+        self.bn1 = LegoBatchNorm(u, n, **unit_norm)
+        self.conv2 = LegoConv2d(u, planes, 3, n, False, True, planes, 1, 1, 1)
         self.norm2_name, norm2 = build_norm_layer(norm_cfg, planes, postfix=2)
         self.add_module(self.norm2_name, norm2)
 
@@ -114,36 +128,19 @@ class LegoBottleneck(_LegoBlock):
     expansion = 4
     gated_norm = 'bn2'
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        num_legos: int,
-        num_active: int,
-        stride: int = 1,
-        dilation: int = 1,
-        downsample: Optional[nn.Module] = None,
-        style: str = 'pytorch',
-        with_cp: bool = False,
-        norm_cfg: dict = dict(type='BN'),
-        unit_norm: dict = dict()
-    ) -> None:
-        super().__init__(inplanes, planes, num_legos, num_active, stride,
-                         dilation, downsample, style, with_cp, norm_cfg,
-                         unit_norm)
-        conv1_stride, conv2_stride = ((1, stride) if style == 'pytorch' else
-                                      (stride, 1))
-        u, n = self.unit_width, num_legos
+    def _build_layers(self, norm_cfg: dict, unit_norm: dict) -> None:
+        conv1_stride, conv2_stride = ((1, self.stride) if self.style
+                                      == 'pytorch' else (self.stride, 1))
+        u, n, planes = self.unit_width, self.num_legos, self.planes
         out = planes * self.expansion
-        self.conv1 = LegoConv2d(inplanes, u, 1, n, True, False, planes,
+        self.conv1 = LegoConv2d(self.inplanes, u, 1, n, True, False, planes,
                                 conv1_stride)
         self.bn1 = LegoBatchNorm(u, n, **unit_norm)
         self.conv2 = LegoConv2d(u, u, 3, n, True, True, planes, conv2_stride,
-                                dilation, dilation)
+                                self.dilation, self.dilation)
         self.bn2 = LegoBatchNorm(u, n, **unit_norm)
         self.conv3 = LegoConv2d(u, out, 1, n, False, True, out)
-        self.norm3_name, norm3 = build_norm_layer(
-            norm_cfg, planes * self.expansion, postfix=3)
+        self.norm3_name, norm3 = build_norm_layer(norm_cfg, out, postfix=3)
         self.add_module(self.norm3_name, norm3)
 
     @property

@@ -234,6 +234,22 @@ class LegoBatchNorm(nn.Module):
                 stats['num_batches_tracked'].add_(1)
         return out
 
+    def updated_stats_mask(self,
+                           x: torch.Tensor,
+                           units: Sequence[int],
+                           channels: torch.Tensor,
+                           gates: Optional[torch.Tensor] = None
+                           ) -> torch.Tensor:
+        """Which running statistics a training-mode forward with these
+        arguments updates: a 0/1 mask shaped like ``running_mean``, set on
+        the route's ``channels`` (of the row :attr:`task_index` when the
+        statistics are kept per task). Asked by
+        :class:`~projects.gppf.utils.dist_sync.NormStatsSync`."""
+        mask = torch.zeros_like(self.running_mean)
+        row = mask if self.num_tasks is None else mask[self.task_index]
+        row.index_fill_(0, channels, 1.0)
+        return mask
+
     def task_stats(self, task_index: int) -> dict:
         """Views of the statistics of task ``task_index`` (all of them when
         they are not kept per task)."""

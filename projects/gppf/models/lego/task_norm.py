@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from mmengine.registry import MODELS
 
+from ...utils.compat import sync_bn_input_check
 from .layers import replicate_task_rows
 
 __all__ = [
@@ -98,6 +99,15 @@ class TaskNormMixin:
             if self.task_affine:
                 self.weight = self.bias = None
 
+    def updated_stats_mask(self, *args, **kwargs) -> torch.Tensor:
+        """Which running statistics a training-mode forward updates: a 0/1
+        mask shaped like ``running_mean``, set on the row of
+        :attr:`task_index`. Asked by
+        :class:`~projects.gppf.utils.dist_sync.NormStatsSync`."""
+        mask = torch.zeros_like(self.running_mean)
+        mask[self.task_index] = 1.0
+        return mask
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
                               **kwargs) -> None:
         """Replicate a stock norm's ``(C, )`` statistics (and shared affine,
@@ -147,9 +157,8 @@ class TaskSyncBatchNorm(TaskBatchNorm2d):
     mmengine's ``revert_sync_batchnorm`` (single-process runs) keeps it."""
 
     process_group = None
-    # Called by SyncBatchNorm.forward; torch's own helper.
-    _check_non_zero_input_channels = (
-        nn.SyncBatchNorm._check_non_zero_input_channels)
+    # Called by SyncBatchNorm.forward on self (pinned in utils/compat.py).
+    _check_non_zero_input_channels = sync_bn_input_check
     _norm_forward = nn.SyncBatchNorm.forward
 
 
