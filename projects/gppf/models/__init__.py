@@ -1,9 +1,9 @@
+from .backbones import LegoResNet, LegoViT
 from .data_preprocessor import MultiTaskDataPreprocessor
 from .gppf import GPPF, SharedBackboneSlot
-from .backbones import LegoResNet
 from .lego import (Route, TaskRouter, extract_task_state_dict,
-                   load_dense_or_lego, pack_state, read_state_dict,
-                   unpack_state)
+                   extract_vit_task_state_dict, load_dense_or_lego, pack_state,
+                   read_state_dict, unpack_state)
 from .simt_wrapper import SIMTDistributedWrapper
 from .task_config import check_task_sets, scope_of, with_scope
 from .task_context import current_task, use_task
@@ -13,5 +13,5 @@ __all__ = [
     'extract_task_state_dict', 'load_dense_or_lego', 'read_state_dict', 'GPPF',
     'SharedBackboneSlot', 'MultiTaskDataPreprocessor', 'check_task_sets',
     'scope_of', 'with_scope', 'SIMTDistributedWrapper', 'pack_state',
-    'unpack_state'
+    'unpack_state', 'LegoViT', 'extract_vit_task_state_dict'
 ]

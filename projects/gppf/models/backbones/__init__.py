@@ -1,4 +1,5 @@
 """Lego backbones: drop-in replacements of the stock dense backbones."""
 from .lego_resnet import LegoResNet
+from .lego_vit import LegoViT
 
-__all__ = ['LegoResNet']
+__all__ = ['LegoResNet', 'LegoViT']
