@@ -99,7 +99,8 @@ def test_plan(runs):
 
 def test_lownoise_arm_sets_noise_on_the_logits_scale(checked):
     s, cfgs = checked
-    s = pl.Settings(**dict(vars(s), arms=('gppf', 'gppf_lownoise')))
+    s = pl.Settings(
+        **dict(vars(s), arms=('gppf', 'gppf_lownoise', 'gppf_nobalance')))
     paths = {'lego': s.config, 'dense': s.dense_config}
     sha = {p: 'sha' for p in list(paths.values()) + [s.transfer_config]}
     runs = pl.plan_runs(s, dict(cfgs, paths=paths, sha=sha), {})
@@ -111,6 +112,9 @@ def test_lownoise_arm_sets_noise_on_the_logits_scale(checked):
     # otherwise the same run as gppf (schedule, seeds, freeze)
     same = {k: v for k, v in low.options.items() if 'noise_std' not in k}
     assert same == gppf.options
+    nobal = next(r for r in runs if r.name == 'gppf_nobalance-s1')
+    assert nobal.options == dict(
+        low.options, **{'model.backbone.router.balance_weight': 0.0})
     t_low = next(r for r in runs
                  if r.name == 'trees_det-from-gppf_lownoise-s0')
     assert t_low.export[1] == 'mnist_det'

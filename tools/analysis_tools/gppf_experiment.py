@@ -211,7 +211,7 @@ def check(args: argparse.Namespace) -> Tuple[pl.Settings, Dict[str, Any]]:
             raise ArgError(f'data of {task} not found at {root}; prepare it '
                            'with `bash tools/dataset_converters/'
                            'prepare_demo_data.sh`')
-    if {'gppf_fixed', 'gppf_lownoise'} & set(args.arms):
+    if {'gppf_fixed', 'gppf_lownoise', 'gppf_nobalance'} & set(args.arms):
         pl.router_hook_index(lego)
     seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
     settings = pl.Settings(
@@ -321,6 +321,9 @@ def _setup_lines(s: pl.Settings, runs: List[pl.Run]) -> List[str]:
             f'of the router\'s logits: std {pl.LOW_NOISE} annealed to 0 '
             '(`TaskRouterHook` `noise_std`, `model.backbone.router.'
             'noise_std`) instead of 1 to 0.')
+    if 'gppf_nobalance' in s.arms:
+        lines.append('- (c3) gppf_nobalance: (c2) without the balance loss '
+                     '(`model.backbone.router.balance_weight=0`).')
     if s.transfer:
         lines.append(
             f'- transfer: `{s.transfer_config}` for {s.transfer_iters} '

@@ -26,6 +26,7 @@ REF_ITER_S: Dict[str, float] = {
     'gppf': 0.90,
     'gppf_fixed': 0.90,
     'gppf_lownoise': 0.90,
+    'gppf_nobalance': 0.90,
     'dense_tasknorm': 0.84,
     'dense': 0.78,
     'single:mnist_det': 0.48,

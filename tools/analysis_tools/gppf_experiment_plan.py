@@ -18,7 +18,10 @@ Arms (pre-training, every task sees the same iterations and batches):
 * ``gppf_lownoise`` (not run by default): ``gppf`` with the routing noise
   on the scale of the router's logits (std ``LOW_NOISE`` annealed to 0
   instead of 1 to 0), so routes are chosen by the logits, not redrawn by
-  the noise every iteration.
+  the noise every iteration;
+* ``gppf_nobalance`` (not run by default): ``gppf_lownoise`` without the
+  router's balance loss (``model.backbone.router.balance_weight=0``), so
+  routes move only by the gates' gradients.
 
 Transfer: the held-out detection task fine-tuned from each arm's backbone
 (lego arms: the exported sub-network of the source task) and from scratch.
@@ -37,9 +40,10 @@ __all__ = [
 ]
 
 ARMS = ('single', 'dense', 'dense_tasknorm', 'gppf', 'gppf_fixed',
-        'gppf_lownoise')
+        'gppf_lownoise', 'gppf_nobalance')
 DEFAULT_ARMS = ARMS[:5]
-LEGO_ARMS = ('dense_tasknorm', 'gppf', 'gppf_fixed', 'gppf_lownoise')
+LEGO_ARMS = ('dense_tasknorm', 'gppf', 'gppf_fixed', 'gppf_lownoise',
+             'gppf_nobalance')
 # Routing-noise std of arm gppf_lownoise: the scale of the router's logits
 # (initial std 0.01; after 400 demo iterations they span about 0.08 per task
 # and layer, docs/experiments.md).
@@ -235,7 +239,8 @@ def router_hook_index(cfg) -> int:
         if hook.get('type') == 'TaskRouterHook':
             return i
     raise ValueError('the lego config has no TaskRouterHook in custom_hooks;'
-                     ' arms gppf_fixed and gppf_lownoise set routing '
+                     ' arms gppf_fixed, gppf_lownoise and gppf_nobalance set '
+                     'routing '
                      'through it')
 
 
@@ -299,10 +304,12 @@ def plan_runs(s: Settings, cfgs: Dict[str, Any],
                 i = router_hook_index(lego)
                 opts[f'custom_hooks.{i}.warmup_iters'] = 0
                 opts[f'custom_hooks.{i}.freeze_iter'] = 0
-            if arm == 'gppf_lownoise':
+            if arm in ('gppf_lownoise', 'gppf_nobalance'):
                 i = router_hook_index(lego)
                 opts[f'custom_hooks.{i}.noise_std'] = [LOW_NOISE, 0.0]
                 opts['model.backbone.router.noise_std'] = LOW_NOISE
+            if arm == 'gppf_nobalance':
+                opts['model.backbone.router.balance_weight'] = 0.0
             opts.update(common)
             runs.append(
                 Run(f'{arm}-s{seed}', 'pretrain', arm, seed, s.tasks,

@@ -23,6 +23,7 @@ LABELS = {
     'gppf': '(c) GPPF, lego N=4 k=2, routes learned',
     'gppf_fixed': '(d) GPPF, random fixed routes',
     'gppf_lownoise': '(c2) GPPF, routes learned, noise on the logits\' scale',
+    'gppf_nobalance': '(c3) as (c2), no balance loss',
     'scratch': 'from scratch',
 }
 
