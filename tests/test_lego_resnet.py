@@ -1,10 +1,9 @@
 """LegoResNet: shapes, sparse gradients, dense equivalence, routing, errors."""
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from _lego_common import check_export_tool, load_tool
 from mmdet.models.backbones import ResNet as DenseResNet
 from mmpretrain.models.backbones import ResNet as ClsResNet
 
@@ -299,38 +298,9 @@ def test_cuda_amp_gradients_reach_exactly_the_active_units(dtype):
 
 
 def test_lego2resnet_tool_writes_a_stock_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        'lego2resnet',
-        Path(__file__).resolve().parents[1] / 'tools' / 'model_converters' /
-        'lego2resnet.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('model_converters/lego2resnet.py')
     lego = _lego(18, tasks=('det', 'cls'), zero_init_residual=False)
-    with torch.no_grad():
-        lego.router.logits.normal_()
-    lego.eval()
-    src = tmp_path / 'gppf.pth'
-    torch.save(
-        {
-            'state_dict': {
-                f'backbone.{k}': v
-                for k, v in lego.state_dict().items()
-            }
-        }, src)
-    with pytest.raises(KeyError, match="task 'seg' is not routed"):
-        tool.convert(str(src), 'seg', str(tmp_path / 'x.pth'))
-    out = tmp_path / 'cls_r18.pth'
-    meta = tool.convert(str(src), 'cls', str(out))
-    assert meta['gppf_route'] == lego.router.greedy_indices('cls').tolist()
-    stock = ClsResNet(
-        18,
-        out_indices=(0, 1, 2, 3),
-        init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=str(out)))
-    stock.init_weights()
-    stock.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with use_task('cls'):
-        want = lego(x)
-    for a, b in zip(stock(x), want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    check_export_tool(
+        tool, lego, tmp_path, 'cls_r18.pth', lambda meta, init_cfg: ClsResNet(
+            18, out_indices=(0, 1, 2, 3), init_cfg=init_cfg),
+        torch.randn(2, 3, 64, 64))

@@ -1,11 +1,11 @@
 """LegoViT: stock equivalence, export, sparse gradients, routing, errors."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _float64 import assert_close_to_scale
+from _lego_common import check_export_tool, load_tool
 from mmengine.registry import MODELS
 from mmpretrain.models.backbones import VisionTransformer
 
@@ -409,12 +409,7 @@ def test_gppf_with_lego_vit_trains_one_step():
 
 
 def test_lego2vit_tool_writes_a_stock_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        'lego2vit',
-        Path(__file__).resolve().parents[1] / 'tools' / 'model_converters' /
-        'lego2vit.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('model_converters/lego2vit.py')
     lego = LegoViT(
         ARCH,
         tasks=('det', 'cls'),
@@ -422,33 +417,13 @@ def test_lego2vit_tool_writes_a_stock_checkpoint(tmp_path):
         out_indices=(0, 1),
         **KW)
     lego.init_weights()
-    with torch.no_grad():
-        lego.router.logits.normal_()
-    lego.eval()
-    src = tmp_path / 'gppf.pth'
-    torch.save(
-        {
-            'state_dict': {
-                f'backbone.{k}': v
-                for k, v in lego.state_dict().items()
-            }
-        }, src)
-    with pytest.raises(KeyError, match="task 'seg' is not routed"):
-        tool.convert(str(src), 'seg', str(tmp_path / 'x.pth'))
-    out = tmp_path / 'cls_vit.pth'
-    meta = tool.convert(str(src), 'cls', str(out))
-    assert meta['gppf_route'] == lego.router.greedy_indices('cls').tolist()
-    stock = VisionTransformer(
-        **dict(meta['stock_backbone'], out_type='featmap', out_indices=[0, 1]),
-        init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=str(out)))
-    stock.init_weights()
-    stock.eval()
-    x = torch.randn(2, 3, 32, 32)
-    with use_task('cls'):
-        want = lego(x)
-    for a, b in zip(stock(x), want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    check_export_tool(
+        tool, lego, tmp_path, 'cls_vit.pth',
+        lambda meta, init_cfg: VisionTransformer(
+            **dict(
+                meta['stock_backbone'], out_type='featmap', out_indices=[0, 1]
+            ),
+            init_cfg=init_cfg), torch.randn(2, 3, 32, 32))
 
 
 def test_mmpretrain_config_builds_a_lego_vit_classifier():

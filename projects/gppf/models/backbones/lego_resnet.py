@@ -7,7 +7,7 @@ its ``num_legos`` units. With the default shape (``num_active=2``) a task's
 active width equals the stock ResNet's, so its sub-network *is* a stock ResNet
 (see :mod:`projects.gppf.models.lego.convert`) and costs what it costs.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,13 +17,11 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from ...utils.compat import BatchNormBase
+from ..lego.backbone_mixin import LegoBackboneMixin
 from ..lego.convert import load_dense_or_lego, read_state_dict
 from ..lego.layers import LegoBatchNorm, LegoConv2d, route_channels
-from ..lego.packed_state import pack_state, unpack_state
-from ..lego.router import TaskRouter
 from ..lego.task_norm import (TaskNormMixin, affine_biases, affine_weights,
                               task_norm_cfg)
-from ..task_context import current_task
 from .lego_resnet_blocks import LegoBasicBlock, LegoBottleneck
 
 __all__ = ['LegoResNet']
@@ -41,7 +39,7 @@ _OFF_ARGS = {
 
 
 @MODELS.register_module()
-class LegoResNet(BaseModule):
+class LegoResNet(LegoBackboneMixin, BaseModule):
     """ResNet backbone with lego units in every residual block.
 
     Args:
@@ -128,9 +126,6 @@ class LegoResNet(BaseModule):
         if depth not in self.arch_settings:
             raise KeyError(f'invalid depth {depth} for LegoResNet, expected '
                            f'one of {sorted(self.arch_settings)}')
-        if not 1 <= num_active <= num_legos:
-            raise ValueError(f'num_active must be in [1, num_legos], got '
-                             f'num_active={num_active}, num_legos={num_legos}')
         if style not in ('pytorch', 'caffe'):
             raise ValueError(
                 f"style must be 'pytorch' or 'caffe', got {style}")
@@ -146,9 +141,7 @@ class LegoResNet(BaseModule):
             raise ValueError(f'lego units keep per-unit BatchNorm statistics: '
                              f'norm_cfg type must be one of {_UNIT_NORMS}, '
                              f"got {norm_cfg['type']!r}")
-        tasks = list(tasks)
-        if task is not None and task not in tasks:
-            raise KeyError(f'task={task!r} is not one of tasks={tasks}')
+        tasks = self._check_routing(num_legos, num_active, tasks, task)
         if task_norm is None:
             task_norm = 'stats' if len(tasks) > 1 else 'shared'
         if task_norm not in _TASK_NORM:
@@ -156,9 +149,6 @@ class LegoResNet(BaseModule):
                              f'{task_norm!r}')
         self.task_norm = task_norm
         self.depth = depth
-        self.num_legos = num_legos
-        self.num_active = num_active
-        self.task = task
         self.stem_channels = stem_channels or base_channels
         self.base_channels = base_channels
         self.num_stages = num_stages
@@ -202,8 +192,7 @@ class LegoResNet(BaseModule):
         #: channels of each output, in ``out_indices`` order
         self.out_channels = tuple(self.stage_channels[i] for i in out_indices)
         self.feat_dim = self.stage_channels[-1]
-        self.router = TaskRouter(tasks, sum(self.stage_blocks), num_legos,
-                                 num_active, **(router or {}))
+        self._build_router(tasks, sum(self.stage_blocks), router)
         #: the norms that keep statistics per task, told the active task
         self.task_norm_modules = [
             m for m in self.modules() if isinstance(m, TaskNormMixin) or (
@@ -295,37 +284,11 @@ class LegoResNet(BaseModule):
     def norm1(self) -> nn.Module:
         return getattr(self, self.norm1_name)
 
-    @property
-    def tasks(self) -> List[str]:
-        return self.router.tasks
-
     def blocks(self) -> List[nn.Module]:
         """All lego blocks, in lego-layer order."""
         return [b for name in self.res_layers for b in getattr(self, name)]
 
-    # ------------------------------------------------------------ routing
-    def active_task(self) -> str:
-        """The task this forward pass runs (see the class docstring)."""
-        task = current_task()
-        if task is not None:
-            self.router.task_index(task)  # unknown names fail here
-            return task
-        if self.task is not None:
-            return self.task
-        if len(self.tasks) == 1:
-            return self.tasks[0]
-        raise RuntimeError(
-            f'LegoResNet routes the tasks {self.tasks} and none is active: '
-            'run it inside projects.gppf.use_task(name) or build it with '
-            'task=name')
-
-    def aux_loss(self) -> torch.Tensor:
-        """The router's weighted balance loss of the tasks routed since the
-        last call; resets the record of routed tasks."""
-        loss = self.router.aux_loss()
-        self.router.reset_usage()
-        return loss
-
+    # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Args: x (B, C, H, W). Returns the ``out_indices`` feature maps,
         ``(B, out_channels[i], H / 2**(i+2), W / 2**(i+2))`` at stride 1/2/2/2.
@@ -424,30 +387,17 @@ class LegoResNet(BaseModule):
             tasks=list(self.tasks),
             task_norm=self.task_norm)
 
-    def get_extra_state(self) -> torch.Tensor:
-        return pack_state(dict(lego_layout=self.lego_layout()))
-
-    def set_extra_state(self, state: Union[torch.Tensor, dict]) -> None:
-        given = unpack_state(state).get('lego_layout')
-        expected = self.lego_layout()
-        if given is not None and 'task_norm' not in given:
-            # A checkpoint from before per-task norms: one set of
-            # statistics, which the norms replicate over the tasks.
-            given = dict(given, task_norm='shared')
-            if self.task_norm != 'shared':
-                print_log(
-                    'LegoResNet: the checkpoint keeps one set of norm '
-                    'statistics for all tasks; replicated per task '
-                    f'(task_norm={self.task_norm!r})',
-                    logger='current')
-                given['task_norm'] = self.task_norm
-        if given is not None and given != expected:
-            diff = {
-                k: (expected.get(k), given.get(k))
-                for k in expected.keys() | given.keys()
-                if expected.get(k) != given.get(k)
-            }
-            raise ValueError('checkpoint has a different lego layout; '
-                             '(expected, given): ' +
-                             ', '.join(f'{k}={v[0]!r} vs {v[1]!r}'
-                                       for k, v in sorted(diff.items())))
+    def _upgrade_layout(self, given: dict) -> dict:
+        """A checkpoint from before per-task norms keeps one set of
+        statistics, which the norms replicate over the tasks."""
+        if 'task_norm' in given:
+            return given
+        given = dict(given, task_norm='shared')
+        if self.task_norm != 'shared':
+            print_log(
+                'LegoResNet: the checkpoint keeps one set of norm '
+                'statistics for all tasks; replicated per task '
+                f'(task_norm={self.task_norm!r})',
+                logger='current')
+            given['task_norm'] = self.task_norm
+        return given

@@ -25,11 +25,10 @@ from mmpretrain.models.backbones import VisionTransformer
 from mmpretrain.models.utils import (build_norm_layer, resize_pos_embed,
                                      to_2tuple)
 
+from ..lego.backbone_mixin import LegoBackboneMixin
 from ..lego.linear_units import LegoLinear
-from ..lego.packed_state import pack_state, unpack_state
-from ..lego.router import TaskRouter
+from ..lego.packed_state import pack_state
 from ..lego.vit_convert import load_vit_dense_or_lego, read_vit_state_dict
-from ..task_context import current_task
 from .lego_vit_blocks import LegoTransformerEncoderLayer
 
 __all__ = ['LegoViT']
@@ -46,7 +45,7 @@ _MMSEG_OFF = {
 
 
 @MODELS.register_module()
-class LegoViT(BaseModule):
+class LegoViT(LegoBackboneMixin, BaseModule):
     """Vision Transformer with lego units in every encoder layer.
 
     Args:
@@ -128,9 +127,6 @@ class LegoViT(BaseModule):
         elif not isinstance(arch, dict) or not set(_ARCH_KEYS) <= set(arch):
             raise ValueError(f'a custom arch is a dict with {_ARCH_KEYS}, '
                              f'got {arch!r}')
-        if not 1 <= num_active <= num_legos:
-            raise ValueError(f'num_active must be in [1, num_legos], got '
-                             f'num_active={num_active}, num_legos={num_legos}')
         out_type = out_type or ('featmap' if mmseg else 'cls_token')
         final_norm = (not mmseg) if final_norm is None else final_norm
         if out_type not in self.OUT_TYPES:
@@ -139,15 +135,10 @@ class LegoViT(BaseModule):
                 f', got {out_type!r}')
         if out_type == 'cls_token' and not with_cls_token:
             raise ValueError("out_type='cls_token' needs with_cls_token=True")
-        tasks = list(tasks)
-        if task is not None and task not in tasks:
-            raise KeyError(f'task={task!r} is not one of tasks={tasks}')
+        tasks = self._check_routing(num_legos, num_active, tasks, task)
         self.arch_settings = {k: arch[k] for k in _ARCH_KEYS}
         self.embed_dims = arch['embed_dims']
         self.num_layers = arch['num_layers']
-        self.num_legos = num_legos
-        self.num_active = num_active
-        self.task = task
         self.img_size = to_2tuple(img_size)
         self.out_type = out_type
         self.with_cls_token = with_cls_token
@@ -224,8 +215,7 @@ class LegoViT(BaseModule):
             self.ln1 = build_norm_layer(norm_cfg, self.embed_dims)
         if out_type == 'avg_featmap':
             self.ln2 = build_norm_layer(norm_cfg, self.embed_dims)
-        self.router = TaskRouter(tasks, 2 * self.num_layers, num_legos,
-                                 num_active, **(router or {}))
+        self._build_router(tasks, 2 * self.num_layers, router)
         self._freeze_stages()
 
     @staticmethod
@@ -262,10 +252,6 @@ class LegoViT(BaseModule):
         return arch, mmseg, layer_cfgs, patch_cfg, init_cfg
 
     @property
-    def tasks(self) -> List[str]:
-        return self.router.tasks
-
-    @property
     def norm1(self) -> nn.Module:
         return self.ln1
 
@@ -273,29 +259,7 @@ class LegoViT(BaseModule):
     def norm2(self) -> nn.Module:
         return self.ln2
 
-    # ------------------------------------------------------------ routing
-    def active_task(self) -> str:
-        """The task this forward pass runs (as in ``LegoResNet``)."""
-        task = current_task()
-        if task is not None:
-            self.router.task_index(task)  # unknown names fail here
-            return task
-        if self.task is not None:
-            return self.task
-        if len(self.tasks) == 1:
-            return self.tasks[0]
-        raise RuntimeError(
-            f'LegoViT routes the tasks {self.tasks} and none is active: '
-            'run it inside projects.gppf.use_task(name) or build it with '
-            'task=name')
-
-    def aux_loss(self) -> torch.Tensor:
-        """The router's weighted balance loss of the tasks routed since the
-        last call; resets the record of routed tasks."""
-        loss = self.router.aux_loss()
-        self.router.reset_usage()
-        return loss
-
+    # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Args: x (B, C, H, W). Returns one output per ``out_indices``:
         ``raw`` (B, L, C), ``cls_token`` / ``avg_featmap`` (B, C) or
@@ -417,18 +381,3 @@ class LegoViT(BaseModule):
     def get_extra_state(self) -> torch.Tensor:
         return pack_state(
             dict(lego_layout=self.lego_layout(), vit_args=self._vit_args))
-
-    def set_extra_state(self, state: Union[torch.Tensor, dict]) -> None:
-        given = unpack_state(state).get('lego_layout')
-        expected = self.lego_layout()
-        if given is not None and given != expected:
-            diff = {
-                k: (expected.get(k), given.get(k))
-                for k in expected.keys() | given.keys()
-                if expected.get(k) != given.get(k)
-            }
-            raise ValueError(
-                'checkpoint has a different lego layout; build the LegoViT '
-                'with the checkpoint\'s values (expected vs given): ' +
-                ', '.join(f'{k}={v[0]!r} vs {v[1]!r}'
-                          for k, v in sorted(diff.items())))

@@ -1,5 +1,7 @@
 """Lego units and their routing: the layers, the task router, per-task norm
-statistics, and the conversions between lego and dense checkpoints."""
+statistics, the routing side of a lego backbone, and the conversions
+between lego and dense checkpoints."""
+from .backbone_mixin import LegoBackboneMixin
 from .convert import (extract_task_state_dict, lego_modules,
                       load_dense_or_lego, read_state_dict)
 from .layers import LegoBatchNorm, LegoConv2d
@@ -16,5 +18,6 @@ __all__ = [
     'TaskSyncBatchNorm', 'extract_task_state_dict', 'lego_modules',
     'load_dense_or_lego', 'read_state_dict', 'pack_state', 'unpack_state',
     'remap_tasks', 'LegoLinear', 'extract_vit_task_state_dict',
-    'load_vit_dense_or_lego', 'read_vit_state_dict', 'timm_to_mmpretrain'
+    'load_vit_dense_or_lego', 'read_vit_state_dict', 'timm_to_mmpretrain',
+    'LegoBackboneMixin'
 ]

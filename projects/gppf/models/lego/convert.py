@@ -16,9 +16,8 @@ from typing import (TYPE_CHECKING, Dict, Iterator, Mapping, Optional, Tuple,
                     Union)
 
 import torch
-from mmengine.logging import print_log
-from mmengine.runner.checkpoint import CheckpointLoader
 
+from .backbone_state import log_key_mismatch, read_backbone_state
 from .layers import LegoBatchNorm, LegoConv2d, inflate_slots
 from .packed_state import unpack_state
 from .task_norm import TaskNormMixin
@@ -44,24 +43,13 @@ def read_state_dict(checkpoint: str,
     Strips ``module.``; keeps only and strips ``prefix`` if given, else strips
     ``backbone.`` when the checkpoint is a whole OpenMMLab model.
     """
-    ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt.get('model', ckpt))
-    state = {
-        k[7:] if k.startswith('module.') else k: v
-        for k, v in state.items()
-    }
-    if prefix is None and not any(
-            k.startswith(('conv1.', 'stem.')) for k in state):
-        prefix = 'backbone.'
-    if prefix:
-        prefix = prefix if prefix.endswith('.') else prefix + '.'
-        state = {
-            k[len(prefix):]: v
-            for k, v in state.items() if k.startswith(prefix)
-        }
-        if not state:
-            raise KeyError(f'{checkpoint} has no keys with prefix {prefix!r}')
-    return state
+    return read_backbone_state(checkpoint, prefix, _default_prefix)
+
+
+def _default_prefix(state: Dict[str, torch.Tensor]) -> str:
+    """``''`` for a bare ResNet state dict, else ``'backbone.'``."""
+    bare = any(k.startswith(('conv1.', 'stem.')) for k in state)
+    return '' if bare else 'backbone.'
 
 
 def lego_modules(
@@ -149,16 +137,7 @@ def load_dense_or_lego(backbone: 'LegoResNet',
             & (set(lego) | set(task_norms))
         ]
         unexpected = [k for k in state if k not in used]
-    if missing:
-        print_log(
-            f'LegoResNet: missing keys in checkpoint: {missing}',
-            logger='current',
-            level=30)
-    if unexpected:
-        print_log(
-            f'LegoResNet: unused keys in checkpoint: {unexpected}',
-            logger='current',
-            level=20)
+    log_key_mismatch('LegoResNet', missing, unexpected)
 
 
 @torch.no_grad()

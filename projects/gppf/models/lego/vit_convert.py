@@ -17,9 +17,8 @@ import re
 from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
-from mmengine.logging import print_log
-from mmengine.runner.checkpoint import CheckpointLoader
 
+from .backbone_state import log_key_mismatch, read_backbone_state
 from .layers import inflate_slots
 from .linear_units import LegoLinear
 from .packed_state import unpack_state
@@ -55,24 +54,13 @@ def read_vit_state_dict(
     Strips ``module.``; keeps only and strips ``prefix`` if given, else
     ``backbone.`` when the checkpoint is a whole OpenMMLab model.
     """
-    ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt.get('model', ckpt))
-    state = {
-        k[7:] if k.startswith('module.') else k: v
-        for k, v in state.items()
-    }
-    if prefix is None:
-        prefix = 'backbone.' if any(k.startswith('backbone.')
-                                    for k in state) else ''
-    if prefix:
-        prefix = prefix if prefix.endswith('.') else prefix + '.'
-        state = {
-            k[len(prefix):]: v
-            for k, v in state.items() if k.startswith(prefix)
-        }
-        if not state:
-            raise KeyError(f'{checkpoint} has no keys with prefix {prefix!r}')
-    return state
+    return read_backbone_state(checkpoint, prefix, _default_prefix)
+
+
+def _default_prefix(state: Dict[str, torch.Tensor]) -> str:
+    """``'backbone.'`` for a whole OpenMMLab model, else ``''``."""
+    whole = any(k.startswith('backbone.') for k in state)
+    return 'backbone.' if whole else ''
 
 
 def timm_to_mmpretrain(
@@ -126,16 +114,7 @@ def load_vit_dense_or_lego(
         missing = [k for k in missing if not k.startswith('router.')]
     else:
         missing, unexpected = _inflate(backbone, timm_to_mmpretrain(state))
-    if missing:
-        print_log(
-            f'LegoViT: missing keys in checkpoint: {missing}',
-            logger='current',
-            level=30)
-    if unexpected:
-        print_log(
-            f'LegoViT: unused keys in checkpoint: {unexpected}',
-            logger='current',
-            level=20)
+    log_key_mismatch('LegoViT', missing, unexpected)
 
 
 def _inflate(backbone: 'LegoViT', state: Dict[str, torch.Tensor]):
