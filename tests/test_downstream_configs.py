@@ -39,6 +39,23 @@ def _ids(paths: List[Path]) -> List[str]:
     return [p.stem for p in paths]
 
 
+# One config per library: the route-copy way trains one step on these only
+# (the others share its backbone arguments), and the fast tier builds these
+# only (the others are marked slow: full-size models, seconds each).
+_ONE_PER_LIBRARY = {
+    'faster-rcnn_gppf-r50_fpn_1x_voc0712',
+    'deeplabv3plus_gppf-r50-d8_4xb4-40k_voc12aug-512x512',
+    'resnet50-gppf_8xb8-100e_food101'
+}
+BUILDS = [
+    pytest.param(
+        p,
+        id=p.stem,
+        marks=() if p.stem in _ONE_PER_LIBRARY else pytest.mark.slow)
+    for p in CONFIGS
+]
+
+
 def _walk(node, found: Dict[str, set]) -> None:
     """Collect the dataset types and the data paths under ``node``."""
     if isinstance(node, dict):
@@ -241,7 +258,7 @@ def test_config_names_no_pretraining_dataset(path, pretraining):
     assert cfg.model.get('init_cfg') is None
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=_ids(CONFIGS))
+@pytest.mark.parametrize('path', BUILDS)
 def test_export_builds_loads_and_trains(path, gppf_ckpt):
     cfg = Config.fromfile(str(path))
     export = gppf_ckpt['exports'][cfg.gppf_source]
@@ -257,16 +274,7 @@ def test_export_builds_loads_and_trains(path, gppf_ckpt):
     _train_step(model, cfg)
 
 
-# The route-copy way trains one step on one config per library (the others
-# share its backbone arguments) and builds and loads on every config.
-_TRAIN_ROUTE_COPY = {
-    'faster-rcnn_gppf-r50_fpn_1x_voc0712',
-    'deeplabv3plus_gppf-r50-d8_4xb4-40k_voc12aug-512x512',
-    'resnet50-gppf_8xb8-100e_food101'
-}
-
-
-@pytest.mark.parametrize('path', CONFIGS, ids=_ids(CONFIGS))
+@pytest.mark.parametrize('path', BUILDS)
 def test_route_copy_builds_loads_and_trains(path, gppf_ckpt):
     cfg = Config.fromfile(str(path))
     cfg.merge_from_dict(
@@ -285,7 +293,7 @@ def test_route_copy_builds_loads_and_trains(path, gppf_ckpt):
         torch.testing.assert_close(ours[key], state[key][row])
     torch.testing.assert_close(ours['layer4.0.conv2.weight.5'],
                                state['layer4.0.conv2.weight.5'])
-    if path.stem in _TRAIN_ROUTE_COPY:
+    if path.stem in _ONE_PER_LIBRARY:
         _train_step(model, cfg)
 
 

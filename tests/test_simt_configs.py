@@ -75,13 +75,18 @@ def stub_data(monkeypatch):
     monkeypatch.setattr(Runner, 'build_evaluator', _fake_build_evaluator)
 
 
-@pytest.mark.parametrize('path, tasks, evaluated', [
-    (COCO_ADE_IN1K, ['coco_det', 'ade20k_seg', 'in1k_cls'], 3),
-    (GPPF_15M, [
-        'in21k_cls', 'in1k_cls', 'coco_det', 'o365_det', 'v3det_det',
-        'ade20k_seg', 'cocostuff_seg', 'cityscapes_seg'
-    ], 7),
-])
+@pytest.mark.parametrize(
+    'path, tasks, evaluated',
+    [
+        (COCO_ADE_IN1K, ['coco_det', 'ade20k_seg', 'in1k_cls'], 3),
+        pytest.param(
+            GPPF_15M, [
+                'in21k_cls', 'in1k_cls', 'coco_det', 'o365_det', 'v3det_det',
+                'ade20k_seg', 'cocostuff_seg', 'cityscapes_seg'
+            ],
+            7,
+            marks=pytest.mark.slow),  # 8 R50 task models: the slowest build
+    ])
 def test_pretraining_config_builds(stub_data, tmp_path, path, tasks,
                                    evaluated):
     cfg = Config.fromfile(str(path))
