@@ -17,7 +17,9 @@ __all__ = ['render']
 COMPARE = tuple(
     ('gppf', other)
     for other in ('single', 'dense', 'dense_tasknorm', 'gppf_fixed')) + tuple(
-        ('gppf_lownoise', other) for other in ('gppf', 'gppf_fixed'))
+        ('gppf_lownoise', other) for other in ('gppf', 'gppf_fixed')) + (
+            ('gppf_nobalance', 'gppf_lownoise'),
+            ('gppf_nobalance', 'gppf_fixed'))
 TRANSFER_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50')
 
 
