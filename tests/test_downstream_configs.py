@@ -11,6 +11,8 @@ The GPPF checkpoint is a randomly initialised LegoResNet-50 routing the eight
 pre-training tasks, written by the test: nothing is downloaded.
 """
 import argparse
+import copy
+import functools
 import importlib.util
 import math
 import os
@@ -33,6 +35,17 @@ CONFIGS = sorted((ROOT / 'configs' / 'downstream').glob('*.py'))
 PRETRAIN = ROOT / 'configs/gppf/gppf_lego-r50_16xb2-2-32-150k_gppf-15m.py'
 # Dataset classes that read any data, not one dataset.
 GENERIC_TYPES = {'CocoDataset', 'BaseSegDataset', 'CustomDataset'}
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(path: Path) -> Config:
+    return Config.fromfile(str(path))
+
+
+def _config(path: Path) -> Config:
+    """A fresh copy of the parsed config (parsing a config with ``mmdet::``
+    bases takes about a second; every test of a config reads it)."""
+    return copy.deepcopy(_parsed(Path(path)))
 
 
 def _ids(paths: List[Path]) -> List[str]:
@@ -121,7 +134,7 @@ def gppf_ckpt(tmp_path_factory, pretraining):
         'lego2resnet', ROOT / 'tools/model_converters/lego2resnet.py')
     lego2resnet = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lego2resnet)
-    sources = {Config.fromfile(str(c)).gppf_source for c in CONFIGS}
+    sources = {_config(c).gppf_source for c in CONFIGS}
     exports = {}
     for task in sorted(sources):
         exports[task] = tmp / f'gppf-r50_{task}.pth'
@@ -228,7 +241,7 @@ def _train_step(model, cfg) -> None:
 
 
 def test_22_benchmarks():
-    scopes = [Config.fromfile(str(c)).default_scope for c in CONFIGS]
+    scopes = [_config(c).default_scope for c in CONFIGS]
     assert len(CONFIGS) == 22
     assert scopes.count('mmpretrain') == 8
     assert scopes.count('mmdet') == 7
@@ -237,7 +250,7 @@ def test_22_benchmarks():
 
 @pytest.mark.parametrize('path', CONFIGS, ids=_ids(CONFIGS))
 def test_config_names_no_pretraining_dataset(path, pretraining):
-    cfg = Config.fromfile(str(path))
+    cfg = _config(path)
     assert cfg.custom_imports.imports == ['projects.gppf']
     assert cfg.gppf_source in pretraining['tasks']
     assert cfg.gppf_task not in pretraining['tasks']
@@ -260,7 +273,7 @@ def test_config_names_no_pretraining_dataset(path, pretraining):
 
 @pytest.mark.parametrize('path', BUILDS)
 def test_export_builds_loads_and_trains(path, gppf_ckpt):
-    cfg = Config.fromfile(str(path))
+    cfg = _config(path)
     export = gppf_ckpt['exports'][cfg.gppf_source]
     cfg.merge_from_dict(
         _parse_options([f'model.backbone.init_cfg.checkpoint={export}']))
@@ -276,7 +289,7 @@ def test_export_builds_loads_and_trains(path, gppf_ckpt):
 
 @pytest.mark.parametrize('path', BUILDS)
 def test_route_copy_builds_loads_and_trains(path, gppf_ckpt):
-    cfg = Config.fromfile(str(path))
+    cfg = _config(path)
     cfg.merge_from_dict(
         _parse_options(route_copy_options(cfg, gppf_ckpt['path'])))
     assert cfg.find_unused_parameters is True
