@@ -2,10 +2,11 @@
 
 Tasks: ``mnist_det`` (mmdet FCOS), ``fmnist_seg`` (mmseg FCN head),
 ``fmnist_cls`` (mmpretrain linear head), on a ResNet-18 with 16 base
-channels (stock ``mmdet.ResNet`` or ``LegoResNet``); the task models are the
-demo config's, shrunk. Images come either from the demo data sources
-(:func:`make_demo_data`, tests marked ``data``) or are drawn here
-(:func:`make_synthetic_data`, no download), in the same folder layout.
+channels (stock ``mmdet.ResNet`` or ``LegoResNet``) or a 2-layer LegoViT
+(seg and cls only); the task models are the demo config's, shrunk. Images
+come either from the demo data sources (:func:`make_demo_data`, tests marked
+``data``) or are drawn here (:func:`make_synthetic_data`, no download), in
+the same folder layout.
 """
 import copy
 import functools
@@ -14,7 +15,7 @@ import os
 import os.path as osp
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Set, Union
+from typing import Dict, Optional, Sequence, Set, Union
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ FMNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
           'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 SIZE = 64
 BASE = 16  # ResNet-18 stage widths 16, 32, 64, 128
+# The tiny LegoViT (``kind='lego_vit'``): patch 16 on SIZE-pixel inputs.
+VIT_ARCH = dict(
+    embed_dims=32, num_layers=2, num_heads=4, feedforward_channels=64)
 
 # Markers of the running test, set by conftest.py before its fixtures.
 CURRENT_MARKERS: Set[str] = set()
@@ -167,7 +171,20 @@ def _demo_task_models() -> dict:
 
 
 def backbone_cfg(kind: str = 'resnet', base: int = BASE) -> dict:
-    """The shared ResNet-18 (``'resnet'``: stock mmdet, ``'lego'``)."""
+    """The shared ResNet-18 (``'resnet'``: stock mmdet, ``'lego'``) or
+    LegoViT (``'lego_vit'``: two ``featmap`` outputs of ``VIT_ARCH``'s
+    width, for SIZE-pixel inputs)."""
+    if kind == 'lego_vit':
+        return dict(
+            type='LegoViT',
+            arch=dict(VIT_ARCH),
+            img_size=SIZE,
+            patch_size=16,
+            out_type='featmap',
+            out_indices=(0, 1),
+            num_legos=4,
+            num_active=2,
+            router=dict(noise_std=0.0))
     common = dict(
         depth=18,
         base_channels=base,
@@ -186,15 +203,20 @@ def backbone_cfg(kind: str = 'resnet', base: int = BASE) -> dict:
 
 def model_cfg(kind: str = 'resnet',
               loss_weights: Optional[Dict[str, float]] = None,
-              base: int = BASE) -> dict:
+              base: int = BASE,
+              tasks: Sequence[str] = TASKS) -> dict:
     """GPPF with the demo config's FCOS / FCN / linear task models, shrunk
     onto a shared tiny ResNet-18 whose stage widths are ``base * (1, 2, 4,
-    8)``: thinner heads, IoU box loss, no head norm or dropout, SIZE-pixel
-    segmentation inputs."""
+    8)`` (or the tiny LegoViT, ``kind='lego_vit'``): thinner heads, IoU box
+    loss, no head norm or dropout, SIZE-pixel segmentation inputs. Only the
+    named ``tasks`` are kept."""
+    names = tasks
     tasks = copy.deepcopy(_demo_task_models())
     det, seg, cls = (tasks[t] for t in TASKS)
-    det['neck'].update(
-        in_channels=[base, base * 2, base * 4, base * 8], out_channels=32)
+    widths = [VIT_ARCH['embed_dims']] * 4 if kind == 'lego_vit' else [
+        base, base * 2, base * 4, base * 8
+    ]
+    det['neck'].update(in_channels=widths, out_channels=32)
     det['bbox_head'].update(
         in_channels=32,
         stacked_convs=1,
@@ -202,11 +224,14 @@ def model_cfg(kind: str = 'resnet',
         regress_ranges=((-1, 16), (16, 32), (32, 1e8)),
         norm_cfg=None,
         loss_bbox=dict(type='IoULoss', loss_weight=1.0))
-    det['test_cfg'].update(nms_pre=100)
+    # score_thr 0: a detector trained for a few steps from FCOS's prior
+    # (class scores near 0.01) still returns boxes for the metric to score.
+    det['test_cfg'].update(nms_pre=100, score_thr=0.0)
     seg['decode_head'].update(
-        in_channels=base * 2, channels=32, num_convs=1, dropout_ratio=0.0)
+        in_channels=widths[1], channels=32, num_convs=1, dropout_ratio=0.0)
     seg['data_preprocessor'].update(size=(SIZE, SIZE))
-    cls['head'].update(in_channels=base * 8)
+    cls['head'].update(in_channels=widths[3])
+    tasks = {name: tasks[name] for name in names}
     preprocessors = {}
     for task, cfg in tasks.items():  # one multi-task preprocessor
         pre = cfg.pop('data_preprocessor')

@@ -2,7 +2,8 @@
 """Tests of tools/dataset_converters/prepare_demo_data.py.
 
 A tiny version of each demo dataset (20 train / 8 val) is generated into a
-temporary folder and read back with the stock OpenMMLab dataset classes.
+temporary folder and read back with the stock OpenMMLab dataset classes;
+``digits_cls`` is also built at its default split (all 1,797 images).
 The tests that read the sources are marked ``data``: a missing source (no
 npm, no network, Debian package missing) or a corrupt one fails them.
 """
@@ -10,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +30,14 @@ NUM = dict(train=20, val=8)
 SPLITS = ('train', 'val')
 
 
-def _prepare(root: Path, name: str, *extra: str) -> dict:
+def _prepare(root: Path,
+             name: str,
+             *extra: str,
+             default_sizes: bool = False) -> dict:
     require_marker('data', 'preparing demo data needs its sources')
-    args = pdd.parse_args([
-        '--out',
-        str(root), '--num-train',
-        str(NUM['train']), '--num-val',
-        str(NUM['val']), *extra
-    ])
+    sizes = [] if default_sizes else [
+        '--num-train', str(NUM['train']), '--num-val', str(NUM['val'])]
+    args = pdd.parse_args(['--out', str(root), *sizes, *extra])
     try:
         return pdd.prepare(name, root, pdd.dataset_cfg(name, args), args.seed)
     except pdd.SourceUnavailable as e:
@@ -263,6 +265,129 @@ def test_trees_det_tiles_are_real_crops(demo):
                 assert d.min() < 0.01
 
 
+# -------------------------------------------------------------- digits_cls
+def _digits_source():
+    wheel = Path(pdd.parse_args([]).cache_dir) / pdd.SKLEARN_WHL
+    return pdd.load_uci_digits(wheel)
+
+
+def _cls_dataset(root: Path, split: str, classes):
+    from mmcv.transforms import LoadImageFromFile
+    from mmpretrain.datasets import CustomDataset
+    return CustomDataset(
+        data_root=str(root),
+        data_prefix=split,
+        ann_file=f'meta/{split}.txt',
+        classes=classes,
+        pipeline=[LoadImageFromFile()],
+        serialize_data=False)
+
+
+def _digits_split(root: Path) -> dict:
+    """split -> list of (source row, label, file) from ``meta/{split}.txt``."""
+    out = {}
+    for split in SPLITS:
+        out[split] = []
+        for line in (root / f'meta/{split}.txt').read_text().splitlines():
+            rel, label = line.split()
+            row = int(Path(rel).stem.split('_')[1])
+            out[split].append((row, int(label), root / split / rel))
+    return out
+
+
+@pytest.mark.data
+def test_digits_cls_loads_with_stock_custom_dataset(demo):
+    root = demo('digits_cls')
+    imgs, labels = _digits_source()
+    assert imgs.shape == (1797, 8, 8) and imgs.max() == 16
+    seen = {}
+    for split in SPLITS:
+        ds = _cls_dataset(root, split, pdd.DIGITS_CLASSES)
+        assert len(ds) == NUM[split]
+        assert tuple(ds.CLASSES) == pdd.DIGITS_CLASSES
+        seen[split] = set()
+        for i in range(len(ds)):
+            out = ds[i]
+            row = int(Path(out['img_path']).stem.split('_')[1])
+            seen[split].add(row)
+            assert out['gt_label'] == labels[row]
+            assert out['img'].shape == (8, 8, 3)  # colour load of grey PNG
+            grey = np.asarray(Image.open(out['img_path']))
+            assert grey.dtype == np.uint8 and grey.shape == (8, 8)
+            # 0..16 -> 0..255, rounded half up
+            np.testing.assert_array_equal(
+                grey, (imgs[row].astype(int) * 255 + 8) // 16)
+            np.testing.assert_array_equal(out['img'][..., 0], grey)
+    assert not seen['train'] & seen['val']
+    # train is round robin over the classes: 2 of each
+    assert np.bincount(labels[sorted(seen['train'])], minlength=10).tolist() \
+        == [NUM['train'] // 10] * 10
+
+
+@pytest.mark.data
+def test_digits_cls_default_split_covers_all_images(tmp_path):
+    summary = _prepare(tmp_path, 'digits_cls', default_sizes=True)
+    root = tmp_path / 'digits_cls'
+    imgs, labels = _digits_source()
+    split = _digits_split(root)
+    assert summary['train']['images'] == len(split['train']) == 500
+    assert summary['val']['images'] == len(split['val']) == 1297
+    rows = {s: [r for r, _, _ in split[s]] for s in SPLITS}
+    assert len(set(rows['train'])) == 500 and len(set(rows['val'])) == 1297
+    assert not set(rows['train']) & set(rows['val'])
+    assert set(rows['train']) | set(rows['val']) == set(range(1797))
+    for s in SPLITS:
+        lab = np.array([lb for _, lb, _ in split[s]])
+        assert lab.min() >= 0 and lab.max() <= 9
+        np.testing.assert_array_equal(lab, labels[rows[s]])
+        assert all(f.parent.name == str(lb) for _, lb, f in split[s])
+    assert np.bincount(labels[rows['train']]).tolist() == [50] * 10
+    pngs = sorted(root.rglob('*.png'))
+    assert len(pngs) == 1797
+    stack = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    assert stack.shape == (1797, 8, 8) and stack.dtype == np.uint8
+    assert stack.min() == 0 and stack.max() == 255
+    # same arguments: skipped, nothing rewritten
+    marker = root / '.gppf_demo.json'
+    mtime = marker.stat().st_mtime_ns
+    assert _prepare(tmp_path, 'digits_cls', default_sizes=True) == summary
+    assert marker.stat().st_mtime_ns == mtime
+
+
+def _zip(path: Path, csv: bytes) -> Path:
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr(pdd.DIGITS_CSV, gzip.compress(csv))
+    return path
+
+
+def test_digits_wheel_corrupt_or_wrong_sha_gives_clear_error(tmp_path):
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    (cache / pdd.SKLEARN_WHL).write_bytes(b'not the wheel')
+    with pytest.raises(SystemExit, match=r'\[digits_cls\] source .*sha256'):
+        pdd.main([
+            '--out',
+            str(tmp_path / 'out'), '--datasets', 'digits_cls', '--cache-dir',
+            str(cache)
+        ])
+    assert not (tmp_path / 'out' / 'digits_cls').exists()
+    with pytest.raises(pdd.SourceCorrupt, match='unreadable'):
+        pdd.load_uci_digits(cache / pdd.SKLEARN_WHL)  # not a zip
+    with zipfile.ZipFile(tmp_path / 'empty.whl', 'w') as zf:
+        zf.writestr('sklearn/__init__.py', '')
+    with pytest.raises(pdd.SourceCorrupt, match='digits.csv.gz'):
+        pdd.load_uci_digits(tmp_path / 'empty.whl')
+    row = ','.join(['0'] * 64 + ['3']) + '\n'
+    ok = _zip(tmp_path / 'ok.whl', (row * 1797).encode())
+    imgs, labels = pdd.load_uci_digits(ok)
+    assert imgs.shape == (1797, 8, 8) and (labels == 3).all()
+    with pytest.raises(pdd.SourceCorrupt, match='shape'):
+        pdd.load_uci_digits(_zip(tmp_path / 'short.whl', row.encode() * 5))
+    bad = ','.join(['17'] * 64 + ['3']) + '\n'
+    with pytest.raises(pdd.SourceCorrupt, match='outside'):
+        pdd.load_uci_digits(_zip(tmp_path / 'bad.whl', (bad * 1797).encode()))
+
+
 # ------------------------------------------------------------ tool itself
 def _gz(path: Path, data: bytes) -> None:
     with gzip.open(path, 'wb') as f:
@@ -323,6 +448,12 @@ def test_prepare_is_idempotent_and_deterministic(tmp_path):
 def test_parse_counts():
     assert pdd.parse_counts(None, 0)['mnist_det'] == 1500
     got = pdd.parse_counts(['30', 'trees_det=5'], 1)
-    assert got == dict(mnist_det=30, fmnist_seg=30, fmnist_cls=30, trees_det=5)
+    assert got == dict(
+        mnist_det=30,
+        fmnist_seg=30,
+        fmnist_cls=30,
+        trees_det=5,
+        digits_cls=30)
+    assert pdd.parse_counts(None, 1)['digits_cls'] is None  # val: the rest
     with pytest.raises(SystemExit, match='unknown dataset'):
         pdd.parse_counts(['cifar=3'], 0)

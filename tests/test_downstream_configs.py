@@ -265,7 +265,9 @@ def test_config_names_no_pretraining_dataset(path, pretraining):
     assert backbone.type == 'ResNet' and backbone.depth == 50
     assert backbone.get('deep_stem', False) is False
     assert backbone.init_cfg == dict(
-        type='Pretrained', prefix='backbone.', checkpoint=cfg.gppf_export)
+        type='CheckedPretrained',
+        prefix='backbone.',
+        checkpoint=cfg.gppf_export)
     assert cfg.gppf_source in cfg.gppf_export
     assert cfg.model.get('pretrained') is None
     assert cfg.model.get('init_cfg') is None

@@ -15,4 +15,6 @@ model = dict(
     backbone=dict(
         type='ResNet',
         init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=gppf_export)))
+            type='CheckedPretrained',
+            prefix='backbone.',
+            checkpoint=gppf_export)))

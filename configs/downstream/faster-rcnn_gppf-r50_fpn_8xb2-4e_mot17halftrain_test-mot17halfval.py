@@ -16,4 +16,6 @@ model = dict(
     init_cfg=None,
     backbone=dict(
         init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=gppf_export)))
+            type='CheckedPretrained',
+            prefix='backbone.',
+            checkpoint=gppf_export)))

@@ -11,4 +11,6 @@ gppf_export = 'checkpoints/gppf-r50_coco_det.pth'
 model = dict(
     backbone=dict(
         init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=gppf_export)))
+            type='CheckedPretrained',
+            prefix='backbone.',
+            checkpoint=gppf_export)))

@@ -18,6 +18,8 @@ gppf_export = 'checkpoints/gppf-r50_coco_det.pth'
 model = dict(
     backbone=dict(
         init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=gppf_export)),
+            type='CheckedPretrained',
+            prefix='backbone.',
+            checkpoint=gppf_export)),
     roi_head=dict(
         bbox_head=dict(num_classes=16), mask_head=dict(num_classes=16)))

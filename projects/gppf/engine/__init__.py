@@ -1,3 +1,4 @@
+from .route_search_hook import RouteSearchHook
 from .safe_checkpoint_hook import SafeCheckpointHook
 from .simt_loops import (SIMTTestLoop, SIMTValLoop, check_simt_cfg,
                          metrics_table)
@@ -9,7 +10,7 @@ from .task_router_hook import TaskRouterHook
 
 __all__ = [
     'SIMTTrainLoop', 'SIMTValLoop', 'SIMTTestLoop', 'TaskLoaders',
-    'check_simt_cfg', 'metrics_table', 'TaskRouterHook', 'SafeCheckpointHook',
-    'SIMTOptimWrapper', 'SIMTAmpOptimWrapper', 'SIMTOptimWrapperMixin',
-    'use_simt_optim_wrapper'
+    'check_simt_cfg', 'metrics_table', 'TaskRouterHook', 'RouteSearchHook',
+    'SafeCheckpointHook', 'SIMTOptimWrapper', 'SIMTAmpOptimWrapper',
+    'SIMTOptimWrapperMixin', 'use_simt_optim_wrapper'
 ]

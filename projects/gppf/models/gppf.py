@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
-from mmengine.model import BaseModel
+from mmengine.model import BaseModel, ModuleDict
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODELS
 from mmengine.utils import is_list_of
@@ -143,7 +143,10 @@ class GPPF(BaseModel):
                 'model.tasks': names,
                 'the backbone routes (backbone.tasks)': routes
             })
-        self.tasks = nn.ModuleDict()
+        # mmengine's ModuleDict: init_weights reaches each task model (a
+        # plain nn.ModuleDict has no init_weights, so heads would keep
+        # torch's default init instead of their stock one).
+        self.tasks = ModuleDict()
         self.task_scopes: Dict[str, str] = {}
         for name, cfg in task_cfgs.items():
             self.task_scopes[name] = cfg['_scope_']

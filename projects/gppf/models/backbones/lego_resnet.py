@@ -17,6 +17,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from ...utils.compat import BatchNormBase
+from ..checked_pretrained import PRETRAINED_TYPES
 from ..lego.backbone_mixin import LegoBackboneMixin
 from ..lego.convert import load_dense_or_lego, read_state_dict
 from ..lego.layers import LegoBatchNorm, LegoConv2d, route_channels
@@ -345,9 +346,10 @@ class LegoResNet(LegoBackboneMixin, BaseModule):
     # ------------------------------------------------------------ weights
     def init_weights(self) -> None:
         """Kaiming init (lego convs at their active fan), or load/inflate a
-        checkpoint given by ``init_cfg=dict(type='Pretrained', ...)``."""
+        checkpoint given by ``init_cfg=dict(type='Pretrained', ...)`` (or
+        ``'CheckedPretrained'``)."""
         if self.init_cfg is not None and self.init_cfg.get(
-                'type') == 'Pretrained':
+                'type') in PRETRAINED_TYPES:
             state = read_state_dict(self.init_cfg['checkpoint'],
                                     self.init_cfg.get('prefix'))
             load_dense_or_lego(self, state, self.init_cfg.get('task_map'))

@@ -93,7 +93,7 @@ class _LegoBlock(nn.Module):
             out = cp.checkpoint(_forward, x, use_reentrant=False)
         else:
             out = _forward(x)
-        return F.relu(out)
+        return F.relu(out, inplace=True)  # out is the block's own sum
 
 
 class LegoBasicBlock(_LegoBlock):
@@ -118,7 +118,9 @@ class LegoBasicBlock(_LegoBlock):
 
     def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
                gates: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x, units), units, channels, gates))
+        out = F.relu(
+            self.bn1(self.conv1(x, units), units, channels, gates),
+            inplace=True)
         return self.last_norm(self.conv2(out, units))
 
 
@@ -149,6 +151,9 @@ class LegoBottleneck(_LegoBlock):
 
     def _inner(self, x: torch.Tensor, units: List[int], channels: torch.Tensor,
                gates: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x, units), units, channels))
-        out = F.relu(self.bn2(self.conv2(out, units), units, channels, gates))
+        out = F.relu(
+            self.bn1(self.conv1(x, units), units, channels), inplace=True)
+        out = F.relu(
+            self.bn2(self.conv2(out, units), units, channels, gates),
+            inplace=True)
         return self.last_norm(self.conv3(out, units))

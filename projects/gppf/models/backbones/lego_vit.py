@@ -25,6 +25,7 @@ from mmpretrain.models.backbones import VisionTransformer
 from mmpretrain.models.utils import (build_norm_layer, resize_pos_embed,
                                      to_2tuple)
 
+from ..checked_pretrained import PRETRAINED_TYPES
 from ..lego.backbone_mixin import LegoBackboneMixin
 from ..lego.linear_units import LegoLinear
 from ..lego.packed_state import pack_state
@@ -72,10 +73,11 @@ class LegoViT(LegoBackboneMixin, BaseModule):
             ``task_map=dict(<task>=<checkpoint task>)`` a task the
             checkpoint never saw starts from that task's route.
         with_cp (bool): Checkpoint each layer's activations (mmseg).
-        embed_dims, num_layers, num_heads, mlp_ratio, act_cfg, patch_norm,
+        embed_dims, num_layers, num_heads, mlp_ratio, act_cfg,
+        attn_drop_rate, num_fcs, patch_norm, patch_bias, patch_pad,
         norm_eval, pretrained: mmseg's ``VisionTransformer`` names; with
             them the outputs default to mmseg's (``out_type='featmap'``,
-            ``final_norm=False``).
+            ``final_norm=False``, no patch embedding bias).
 
     Frozen layers (``frozen_stages``) also stop the router's gradient
     through their gates. Per-task norm statistics do not apply: the
@@ -156,6 +158,8 @@ class LegoViT(LegoBackboneMixin, BaseModule):
             with_cls_token=with_cls_token,
             layer_scale_init_value=layer_scale_init_value,
             pre_norm=pre_norm)
+        if patch_cfg:  # mmseg's arguments set it (e.g. no patch bias)
+            self._vit_args['patch_cfg'] = dict(patch_cfg)
 
         _patch_cfg = dict(
             in_channels=in_channels,
@@ -233,16 +237,20 @@ class LegoViT(LegoBackboneMixin, BaseModule):
                 num_layers=args.pop('num_layers', 12),
                 num_heads=args.pop('num_heads', 12),
                 feedforward_channels=int(args.pop('mlp_ratio', 4) * embed))
-        extra = {}
-        if 'act_cfg' in args:
-            extra['act_cfg'] = args.pop('act_cfg')
-        if 'num_fcs' in args:
-            extra['num_fcs'] = args.pop('num_fcs')
+        extra = {  # per-layer arguments
+            k: args.pop(k)
+            for k in ('act_cfg', 'num_fcs', 'attn_drop_rate') if k in args
+        }
         if extra:
             layer_cfgs = ([dict(c, **extra) for c in layer_cfgs] if isinstance(
                 layer_cfgs, (list, tuple)) else dict(layer_cfgs, **extra))
         if args.pop('patch_norm', False):
             patch_cfg = dict(patch_cfg, norm_cfg=dict(type='LN', eps=1e-6))
+        if mmseg:  # mmseg's patch embedding: no bias unless asked for
+            patch_cfg = dict(
+                dict(bias=args.pop('patch_bias', False)), **patch_cfg)
+        if 'patch_pad' in args:
+            patch_cfg = dict(patch_cfg, padding=args.pop('patch_pad'))
         args.pop('norm_eval', None)  # LayerNorms keep no statistics
         pretrained = args.pop('pretrained', None)
         if pretrained is not None:
@@ -327,7 +335,7 @@ class LegoViT(LegoBackboneMixin, BaseModule):
         dense layer), or load/inflate ``init_cfg=dict(type='Pretrained')``.
         """
         cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+        if isinstance(cfg, dict) and cfg.get('type') in PRETRAINED_TYPES:
             state = read_vit_state_dict(cfg['checkpoint'], cfg.get('prefix'))
             load_vit_dense_or_lego(self, state, cfg.get('task_map'))
             print_log(f'LegoViT loaded {cfg["checkpoint"]}', logger='current')

@@ -21,7 +21,7 @@ from .backbone_state import log_key_mismatch, read_backbone_state
 from .layers import LegoBatchNorm, LegoConv2d, inflate_slots
 from .packed_state import unpack_state
 from .task_norm import TaskNormMixin
-from .task_remap import remap_tasks
+from .task_remap import check_lego_source, remap_tasks
 
 if TYPE_CHECKING:
     from ..backbones.lego_resnet import LegoResNet
@@ -77,9 +77,11 @@ def load_dense_or_lego(backbone: 'LegoResNet',
 
     Raises:
         ValueError: a tensor's shape fits neither layout (names the key and
-            the expected and given shapes), or the lego layout differs.
+            the expected and given shapes), the lego layout differs, or
+            ``task_map`` is given with a dense checkpoint.
         KeyError: a task maps to no task of the checkpoint.
     """
+    check_lego_source(state, task_map, 'LegoResNet')
     if '_extra_state' in state:
         given = unpack_state(state['_extra_state']).get('lego_layout', {})
         if task_map or given.get('tasks', backbone.tasks) != backbone.tasks:

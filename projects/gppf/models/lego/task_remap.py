@@ -7,7 +7,7 @@ that task. ``task_map=dict(<new task>=<checkpoint task>)``; the backbone's
 other tasks must be tasks of the checkpoint (taken by name). A backbone that
 keeps one set of statistics and routes one task takes its source task's.
 """
-from typing import TYPE_CHECKING, Dict, List, Mapping
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import torch
 
@@ -18,7 +18,7 @@ from .task_norm import TaskNormMixin
 if TYPE_CHECKING:
     from ..backbones.lego_resnet import LegoResNet
 
-__all__ = ['remap_tasks']
+__all__ = ['remap_tasks', 'check_lego_source']
 
 _STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
@@ -41,6 +41,26 @@ def _source_rows(tasks: List[str], given: List[str],
                 f"init_cfg=dict(..., task_map=dict({task}='<one of them>'))")
         rows.append(given.index(source))
     return rows
+
+
+def check_lego_source(state: Dict[str, torch.Tensor],
+                      task_map: Optional[Mapping[str, str]],
+                      owner: str) -> None:
+    """Refuse a ``task_map`` (route copy) with a checkpoint that holds no
+    lego backbone (``owner``: the backbone's class name).
+
+    Raises:
+        ValueError: ``task_map`` is set and ``state`` has no lego layout
+            (``_extra_state``): a dense backbone, e.g. an export.
+    """
+    if task_map and not {'_extra_state', 'router.logits'} & set(state):
+        raise ValueError(
+            f'{owner}: init_cfg.task_map={dict(task_map)} copies routes from '
+            f'a lego checkpoint, but the checkpoint holds no {owner} under '
+            'its prefix (no lego layout, router or units): it is a dense '
+            'backbone (a lego2resnet.py / lego2vit.py export?). Give the '
+            "GPPF checkpoint with prefix 'backbone.', or drop task_map and "
+            'load the export into the stock backbone (docs/downstream.md)')
 
 
 def remap_tasks(backbone: 'LegoResNet', state: Dict[str, torch.Tensor],

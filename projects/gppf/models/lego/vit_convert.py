@@ -1,12 +1,14 @@
 """Moving weights between dense ViTs and LegoViT.
 
 - :func:`load_vit_dense_or_lego` inflates a dense ViT state dict
-  (mmpretrain ``VisionTransformer`` keys, or timm / MAE keys, which
-  :func:`timm_to_mmpretrain` renames) into the lego units: unit ``i`` of a
+  (mmpretrain ``VisionTransformer`` keys, or timm / MAE keys and mmseg
+  ``VisionTransformer`` keys, which :func:`timm_to_mmpretrain` and
+  :func:`mmseg_to_mmpretrain` rename) into the lego units: unit ``i`` of a
   lego layer copies the dense slice ``i mod k`` (head group or MLP hidden
   slice), so a route whose units cover every slice once reproduces the dense
   network. A LegoViT state dict loads as is after its lego layout is checked
-  (``LegoViT.set_extra_state``).
+  (``LegoViT.set_extra_state``). :func:`mmpretrain_to_mmseg` is the inverse
+  of :func:`mmseg_to_mmpretrain` (for exports to mmseg's ViT).
 - :func:`extract_vit_task_state_dict` gathers one task's units (its
   noise-free or frozen route) into a state dict with the stock
   ``VisionTransformer`` keys and shapes, the task's gates folded into the
@@ -22,14 +24,15 @@ from .backbone_state import log_key_mismatch, read_backbone_state
 from .layers import inflate_slots
 from .linear_units import LegoLinear
 from .packed_state import unpack_state
-from .task_remap import remap_tasks
+from .task_remap import check_lego_source, remap_tasks
 
 if TYPE_CHECKING:
     from ..backbones.lego_vit import LegoViT
 
 __all__ = [
-    'read_vit_state_dict', 'timm_to_mmpretrain', 'vit_lego_linears',
-    'load_vit_dense_or_lego', 'extract_vit_task_state_dict'
+    'read_vit_state_dict', 'timm_to_mmpretrain', 'mmseg_to_mmpretrain',
+    'mmpretrain_to_mmseg', 'vit_lego_linears', 'load_vit_dense_or_lego',
+    'extract_vit_task_state_dict'
 ]
 
 _TIMM_RENAMES = (
@@ -43,6 +46,20 @@ _TIMM_RENAMES = (
     (r'^blocks\.(\d+)\.attn\.', r'layers.\1.attn.'),
     (r'^norm\.', 'ln1.'),
     (r'^fc_norm\.', 'ln2.'),
+)
+# mmseg's layers wrap ``nn.MultiheadAttention`` (fused q, k, v rows in the
+# same order as mmpretrain's ``qkv``); its pre-norm is ``ln_pre``.
+_MMSEG_RENAMES = (
+    (r'\.attn\.attn\.in_proj_weight$', '.attn.qkv.weight'),
+    (r'\.attn\.attn\.in_proj_bias$', '.attn.qkv.bias'),
+    (r'\.attn\.attn\.out_proj\.', '.attn.proj.'),
+    (r'^ln_pre\.', 'pre_norm.'),
+)
+_MMPRETRAIN_TO_MMSEG = (
+    (r'\.attn\.qkv\.weight$', '.attn.attn.in_proj_weight'),
+    (r'\.attn\.qkv\.bias$', '.attn.attn.in_proj_bias'),
+    (r'\.attn\.proj\.', '.attn.attn.out_proj.'),
+    (r'^pre_norm\.', 'ln_pre.'),
 )
 
 
@@ -82,6 +99,40 @@ def timm_to_mmpretrain(
     return out
 
 
+def mmseg_to_mmpretrain(
+        state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmseg ``VisionTransformer`` keys (also what mmseg's
+    ``vit2mmseg.py`` writes) renamed to mmpretrain's; others kept."""
+    if not any(k.endswith('.attn.attn.in_proj_weight') for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _MMSEG_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def mmpretrain_to_mmseg(
+        state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmpretrain ``VisionTransformer`` keys renamed to mmseg's (the
+    inverse of :func:`mmseg_to_mmpretrain`: the round trip either way is the
+    identity); others kept, a state dict with mmseg keys returned as is.
+
+    Keys mmseg's ViT has no place for (layer scales ``gamma1`` /
+    ``gamma2``, the ``ln2`` of ``out_type='avg_featmap'``) are kept too: a
+    strict load names them.
+    """
+    if not any(k.endswith('.attn.qkv.weight') for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _MMPRETRAIN_TO_MMSEG:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def vit_lego_linears(
         backbone: 'LegoViT') -> Iterator[Tuple[str, str, LegoLinear, int]]:
     """Yield ``(lego name, stock name, module, lego-layer index)``."""
@@ -104,6 +155,7 @@ def load_vit_dense_or_lego(
             the expected and given shapes), or the lego layout differs.
         KeyError: a task maps to no task of the checkpoint.
     """
+    check_lego_source(state, task_map, 'LegoViT')
     if '_extra_state' in state:
         given = unpack_state(state['_extra_state']).get('lego_layout', {})
         if given.get('backbone') == 'LegoViT' and (
@@ -113,7 +165,8 @@ def load_vit_dense_or_lego(
         missing, unexpected = backbone.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('router.')]
     else:
-        missing, unexpected = _inflate(backbone, timm_to_mmpretrain(state))
+        missing, unexpected = _inflate(
+            backbone, mmseg_to_mmpretrain(timm_to_mmpretrain(state)))
     log_key_mismatch('LegoViT', missing, unexpected)
 
 
