@@ -7,7 +7,7 @@
 # a stock ResNet-18 of base width 32, global average pooling, a linear head.
 # The 8x8 digits are resized to the 28 px of the demo's Fashion-MNIST items.
 # From scratch as is; from a pre-trained backbone with
-#   --cfg-options model.backbone.init_cfg.type=Pretrained
+#   --cfg-options model.backbone.init_cfg.type=CheckedPretrained
 #       model.backbone.init_cfg.prefix=backbone.
 #       model.backbone.init_cfg.checkpoint=<lego2resnet export>
 _base_ = 'mmpretrain::_base_/default_runtime.py'
@@ -30,6 +30,9 @@ model = dict(
     backbone=dict(
         type='ResNet',
         depth=18,
+        # mmpretrain's ResNet keeps a 64-channel stem unless told; the demo's
+        # LegoResNet-18 (and mmdet's ResNet) use the base width.
+        stem_channels=widths[0],
         base_channels=widths[0],
         out_indices=(3, ),
         norm_cfg=dict(type='BN', requires_grad=True),

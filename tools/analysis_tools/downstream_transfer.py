@@ -5,7 +5,8 @@ seed, one ``tools/train.py`` run:
 
 - ``scratch``: the config as is (random backbone);
 - ``export``: the stock backbone loads the source task's sub-network,
-  exported with ``lego2resnet.py``;
+  exported with ``lego2resnet.py`` (``CheckedPretrained``: a checkpoint
+  that does not fit stops the run);
 - ``copy``: the backbone is a ``LegoResNet`` that routes the benchmark's task
   along the source task's route (``init_cfg.task_map``; docs/downstream.md);
 - ``search``: ``copy``, then a ``RouteSearchHook`` searches the route for the
@@ -106,7 +107,8 @@ def plan(benchmarks: Sequence[str], ways: Sequence[str], seeds: Sequence[int],
                                    f'{source}-s{seed}.pth')
                     export = (ckpt, source, out)
                     options.update({
-                        'model.backbone.init_cfg.type': 'Pretrained',
+                        # fails, naming the fix, if the export does not fit
+                        'model.backbone.init_cfg.type': 'CheckedPretrained',
                         'model.backbone.init_cfg.prefix': 'backbone.',
                         'model.backbone.init_cfg.checkpoint': out
                     })
