@@ -99,18 +99,25 @@ def timm_to_mmpretrain(
     return out
 
 
+def _renamed(state: Dict[str, torch.Tensor],
+             renames: Tuple[Tuple[str, str], ...]) -> Dict[str, torch.Tensor]:
+    """``state`` with every ``(pattern, replacement)`` applied to each key,
+    in order."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def mmseg_to_mmpretrain(
         state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """mmseg ``VisionTransformer`` keys (also what mmseg's
     ``vit2mmseg.py`` writes) renamed to mmpretrain's; others kept."""
     if not any(k.endswith('.attn.attn.in_proj_weight') for k in state):
         return state
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _MMSEG_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return _renamed(state, _MMSEG_RENAMES)
 
 
 def mmpretrain_to_mmseg(
@@ -125,12 +132,7 @@ def mmpretrain_to_mmseg(
     """
     if not any(k.endswith('.attn.qkv.weight') for k in state):
         return state
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _MMPRETRAIN_TO_MMSEG:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return _renamed(state, _MMPRETRAIN_TO_MMSEG)
 
 
 def vit_lego_linears(
