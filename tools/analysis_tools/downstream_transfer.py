@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         ex.schedule(
-            todo, args.jobs, lambda r: _announce(
+            todo, args.jobs, lambda r: ex.announce(
                 ex.execute(r, args.work_dir, args.threads, {})),
             lambda r: r.iters, done)
     except (ex.RunFailed, KeyboardInterrupt) as exc:
@@ -307,15 +307,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                args.threads, args.jobs))
     print(f'wrote {args.doc}')
     return 0
-
-
-def _announce(record: dict) -> dict:
-    values = ', '.join(f'{t} {v:.4g}' for t, v in record['primary'].items())
-    print(
-        f'[{time.strftime("%H:%M:%S")}] {record["name"]}: {values} '
-        f'({record["wall_s"]:.0f} s)',
-        flush=True)
-    return record
 
 
 if __name__ == '__main__':

@@ -422,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         router_cfg = dict(cfgs['lego'].model.backbone.get('router') or {})
         try:
             ex.schedule(
-                todo, s.jobs, lambda r: _announce(
+                todo, s.jobs, lambda r: ex.announce(
                     ex.execute(r, s.work_dir, s.threads, router_cfg)),
                 lambda r: estimate_s(s, [r]), done)
         except (ex.RunFailed, KeyboardInterrupt) as exc:
@@ -434,15 +434,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report(s, runs, args.out, args.plot, command, started, len(done),
            cfgs['lego'])
     return 0
-
-
-def _announce(record: dict) -> dict:
-    values = ', '.join(f'{t} {v:.4g}' for t, v in record['primary'].items())
-    print(
-        f'[{time.strftime("%H:%M:%S")}] {record["name"]}: {values} '
-        f'({record["wall_s"]:.0f} s)',
-        flush=True)
-    return record
 
 
 if __name__ == '__main__':

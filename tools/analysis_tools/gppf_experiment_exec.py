@@ -25,7 +25,7 @@ from tools.analysis_tools.gppf_experiment_plan import (LEGO_ARMS, Run,
 __all__ = [
     'write_json', 'load_record', 'pending_runs', 'read_metrics',
     'read_iter_times', 'read_final_losses', 'read_loss_curve',
-    'router_summary', 'execute', 'schedule', 'RunFailed'
+    'router_summary', 'execute', 'schedule', 'RunFailed', 'announce'
 ]
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -350,6 +350,16 @@ def execute(run: Run, work_dir: str, threads: int, router_cfg: dict) -> dict:
             run.checkpoint(work_dir), run.seed, router_cfg, (interval
                                                              or [1])[0])
     write_json(record_path(work_dir, run.name), record)
+    return record
+
+
+def announce(record: dict) -> dict:
+    """Print a finished run's primary metrics and wall time; return it."""
+    values = ', '.join(f'{t} {v:.4g}' for t, v in record['primary'].items())
+    print(
+        f'[{time.strftime("%H:%M:%S")}] {record["name"]}: {values} '
+        f'({record["wall_s"]:.0f} s)',
+        flush=True)
     return record
 
 
