@@ -10,6 +10,7 @@ from mmpretrain.models.backbones import ResNet as ClsResNet
 from projects.gppf import (LegoResNet, extract_task_state_dict,
                            load_dense_or_lego, use_task)
 from projects.gppf.models.lego.convert import lego_modules
+from projects.gppf.models.lego.layers import gather_blocks
 
 
 def _lego(depth=18, **kwargs):
@@ -89,6 +90,34 @@ def test_running_stats_update_only_active_units():
     model(torch.randn(2, 3, 32, 32))
     changed = (bn.running_mean != before).view(4, -1).all(dim=1)
     assert changed.tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_gather_blocks_equals_nested_cat(k):
+    """The one-copy block gather of a both-sided conv gives the nested
+    ``cat``'s tensor and the same gradient to every block (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = [
+        torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+        for _ in range(k * k)
+    ]
+    ours = [b.clone().requires_grad_(i != 1) for i, b in enumerate(blocks)]
+    ref = [b.clone().requires_grad_(i != 1) for i, b in enumerate(blocks)]
+    dense = gather_blocks(ours, k)
+    expected = torch.cat(
+        [torch.cat(ref[a * k:(a + 1) * k], 1) for a in range(k)], 0)
+    assert dense.shape == (4 * k, 3 * k, 3, 3) and dense.is_contiguous()
+    torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+    weight = torch.randn(dense.shape, generator=gen, dtype=torch.float64)
+    (dense * weight).sum().backward()
+    (expected * weight).sum().backward()
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if i == 1:
+            assert a.grad is None and b.grad is None
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='3 blocks do not make a 2 x 2'):
+        gather_blocks([ours[0]] * 3, 2)
 
 
 @pytest.mark.parametrize('depth', [18, 50])

@@ -2,7 +2,9 @@
 share: a lego backbone against its stock backbone and against the stock
 one's copy (the harness's own noise), forward + backward of one batch, one
 step of each per round in an order that rotates between rounds; the fastest
-and the median round, and the peak memory of one step.
+and the median round, the median over rounds of the per-round ratio to
+stock (the steps of one round run back to back, so the ratio cancels the
+slow drift of a shared machine), and the peak memory of one step.
 
 Peak memory is what one step allocates above what was live before it (the
 parameters, the input): ``torch.cuda.max_memory_allocated`` on a GPU; on the
@@ -112,8 +114,9 @@ def compare(
 ) -> Dict[str, Dict[str, float]]:
     """Time ``stock``, ``lego`` and ``stock2`` (a copy of the initialised
     ``stock``) on ``x``; per model: ``fastest`` and ``median`` seconds,
-    ``peak`` bytes and ``params``, plus ``load`` (the 1-minute load average
-    before and after)."""
+    ``paired`` (median of the per-round ratios to ``stock``), ``peak`` bytes
+    and ``params``, plus ``load`` (the 1-minute load average before and
+    after)."""
     load = os.getloadavg()[0]
     models = dict(stock=stock, lego=lego)
     for model in models.values():
@@ -142,6 +145,8 @@ def compare(
         dict(
             fastest=min(times[name]),
             median=statistics.median(times[name]),
+            paired=statistics.median(
+                t / s for t, s in zip(times[name], times['stock'])),
             peak=peak_bytes(steps[name], device),
             params=sum(p.numel() for p in models[name].parameters()))
         for name in names
@@ -152,8 +157,9 @@ def compare(
 
 def report(result: Dict[str, Dict[str, float]], device: torch.device,
            settings: str) -> None:
-    """Print the settings, each model's figures and the ratios of the
-    fastest rounds: lego / stock, and stock2 / stock (the noise)."""
+    """Print the settings, each model's figures and the ratios to stock of
+    lego and of stock2 (the noise): of the fastest rounds, and the median
+    of the per-round ratios."""
     where = (
         torch.cuda.get_device_name(device)
         if device.type == 'cuda' else f'{torch.get_num_threads()} threads')
@@ -172,4 +178,5 @@ def report(result: Dict[str, Dict[str, float]], device: torch.device,
         r = result[name]
         print(f'ratio {name}/stock (fastest{what}): time '
               f'{r["fastest"] / stock["fastest"]:.3f}  memory '
-              f'{r["peak"] / stock["peak"]:.3f}')
+              f'{r["peak"] / stock["peak"]:.3f}  per-round median time '
+              f'{r["paired"]:.3f}')

@@ -87,13 +87,15 @@ class _LegoBlock(nn.Module):
 
         def _forward(x: torch.Tensor) -> torch.Tensor:
             identity = x if self.downsample is None else self.downsample(x)
-            return self._inner(x, units, channels, gates) + identity
+            out = self._inner(x, units, channels, gates)
+            out += identity  # in place, as the stock blocks
+            return out
 
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(_forward, x, use_reentrant=False)
         else:
             out = _forward(x)
-        return F.relu(out, inplace=True)  # out is the block's own sum
+        return F.relu(out, inplace=True)
 
 
 class LegoBasicBlock(_LegoBlock):

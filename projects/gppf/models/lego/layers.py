@@ -2,10 +2,11 @@
 
 A lego layer has ``num_legos`` (N) units of ``unit_width`` (u) channels. Each
 unit's slice of a conv weight (and of a norm's affine) is its own
-``nn.Parameter``; a route of ``k`` units concatenates the selected slices into
-one dense ``k * u``-channel weight (one ``torch.cat`` per side) and runs one
-dense convolution. Autograd's backward of ``cat`` hands each selected unit a
-view of the dense gradient, and the units outside the route get no gradient
+``nn.Parameter``; a route of ``k`` units copies the selected slices into one
+dense ``k * u``-channel weight (one ``torch.cat``, or one copy per block of
+:func:`gather_blocks` when both sides are units) and runs one dense
+convolution. The backward hands each selected unit a view of the dense
+gradient, and the units outside the route get no gradient
 at all (``grad is None``), so optimizers leave them untouched (no weight
 decay, no momentum step) and no full-size gradient is zero-filled. Running
 statistics live in one ``N * u`` buffer per norm (one row per task with
@@ -17,10 +18,11 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
-    'route_channels', 'inflate_slots', 'replicate_task_rows', 'LegoConv2d',
-    'LegoBatchNorm'
+    'route_channels', 'inflate_slots', 'replicate_task_rows',
+    'gather_blocks', 'LegoConv2d', 'LegoBatchNorm'
 ]
 
 
@@ -48,6 +50,42 @@ def replicate_task_rows(module: nn.Module, state_dict: dict,
         ours = getattr(module, name)
         if value is not None and value.shape == ours.shape[1:]:
             state_dict[prefix + name] = value.expand_as(ours).clone()
+
+
+class _GatherBlocks(torch.autograd.Function):
+    """The ``k x k`` block matrix of equally shaped blocks, in one copy per
+    block (``torch.cat`` of row ``cat``s copies every block twice); the
+    backward hands each block its view of the gradient."""
+
+    @staticmethod
+    def forward(ctx, k: int, *blocks: torch.Tensor) -> torch.Tensor:
+        rows, cols = blocks[0].shape[:2]
+        out = blocks[0].new_empty((k * rows, k * cols) +
+                                  tuple(blocks[0].shape[2:]))
+        for idx, block in enumerate(blocks):
+            a, b = divmod(idx, k)
+            out[a * rows:(a + 1) * rows, b * cols:(b + 1) * cols] = block
+        ctx.k, ctx.rows, ctx.cols = k, rows, cols
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        k, rows, cols = ctx.k, ctx.rows, ctx.cols
+        views = (grad[a * rows:(a + 1) * rows, b * cols:(b + 1) * cols]
+                 if ctx.needs_input_grad[1 + a * k + b] else None
+                 for a in range(k) for b in range(k))
+        return (None, *views)
+
+
+def gather_blocks(blocks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """``[[blocks[0] .. blocks[k-1]], [blocks[k] ..], ..]`` as one tensor:
+    ``blocks[a * k + b]`` lands at block row ``a``, block column ``b``
+    (dims 0 and 1)."""
+    if len(blocks) != k * k:
+        raise ValueError(f'{len(blocks)} blocks do not make a {k} x {k} '
+                         f'block matrix')
+    return _GatherBlocks.apply(k, *blocks)
 
 
 class LegoConv2d(nn.Module):
@@ -112,8 +150,8 @@ class LegoConv2d(nn.Module):
         w = self.weight
         if self.lego_out and self.lego_in:
             n = self.num_legos
-            rows = [torch.cat([w[i * n + j] for j in units], 1) for i in units]
-            return torch.cat(rows, 0)
+            return gather_blocks([w[i * n + j] for i in units for j in units],
+                                 len(units))
         return torch.cat([w[i] for i in units], 0 if self.lego_out else 1)
 
     def load_dense(self, dense: torch.Tensor, slots: Sequence[int]) -> None:
