@@ -92,6 +92,27 @@ def test_an_export_loads_exactly(ckpts, cls):
     assert given['layer1.0.bn2.weight'].abs().sum() > 0
 
 
+def test_a_stock_vit_is_sent_to_pretrained(ckpts):
+    """A stock ViT redraws ``pos_embed`` and its FFNs after any init type
+    but ``'Pretrained'``: a checkpoint that fits is refused with that fix,
+    and the fix loads it exactly."""
+    model = VisionTransformer(
+        arch=VIT, init_cfg=_checked(ckpts['vit']), **VIT_ARGS)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"redraws pos_embed .*\(type='Pretrained'"):
+        model.init_weights()
+    model = VisionTransformer(
+        arch=VIT,
+        init_cfg=dict(
+            type='Pretrained', checkpoint=ckpts['vit'], prefix='backbone.'),
+        **VIT_ARGS)
+    model.init_weights()
+    given = torch.load(ckpts['vit'])['state_dict']
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(
+            value, given['backbone.' + key], rtol=0, atol=0)
+
+
 def _silent_with_stock(build: Callable[[dict], nn.Module], checkpoint: str,
                        prefix: Optional[str]) -> None:
     """The stock ``Pretrained`` init of the same module and checkpoint

@@ -17,9 +17,10 @@ ResNet's children have no init of their own, so that order does not matter
 there. mmpretrain's ``ResNet`` skips ``zero_init_residual`` after a
 ``'Pretrained'`` load; this initializer turns that flag off on the module
 it loads, so the loaded last norms stay. Backbones that re-initialise other
-tensors unless the type is ``'Pretrained'`` (mmpretrain's ViT family
-redraws ``pos_embed``, its layers their FFN) are not covered: give those
-``'Pretrained'``. ``LegoResNet`` and ``LegoViT`` load a ``CheckedPretrained``
+tensors unless the type is ``'Pretrained'`` (mmpretrain's and mmseg's
+ViTs redraw ``pos_embed``, their layers the FFN) would lose the load: a
+module with a ``pos_embed`` is refused, after the fit check, with the fix
+(``'Pretrained'``). ``LegoResNet`` and ``LegoViT`` load a ``CheckedPretrained``
 checkpoint with their own loader (:data:`PRETRAINED_TYPES`).
 """
 import fnmatch
@@ -102,6 +103,13 @@ class CheckedPretrainedInit(PretrainedInit):
         if missing or unexpected or shapes:
             raise CheckpointMismatchError(
                 self._message(module, state, missing, unexpected, shapes))
+        if hasattr(module, 'pos_embed'):
+            raise CheckpointMismatchError(
+                f'{type(module).__name__} redraws pos_embed (and its '
+                f'layers their FFN) after any init_cfg type but '
+                f"'Pretrained', which would undo this load. The checkpoint "
+                f"fits: give init_cfg=dict(type='Pretrained', "
+                f"checkpoint='{self.checkpoint}', prefix={self.prefix!r}).")
         super().__call__(module)  # the stock load, now known to fit
         if getattr(module, 'zero_init_residual', False):
             module.zero_init_residual = False  # as after 'Pretrained'

@@ -11,6 +11,7 @@ from .router import Route, TaskRouter
 from .task_norm import TaskBatchNorm2d, TaskSyncBatchNorm
 from .task_remap import remap_tasks
 from .vit_convert import (extract_vit_task_state_dict, load_vit_dense_or_lego,
+                          mmpretrain_to_mmseg, mmseg_to_mmpretrain,
                           read_vit_state_dict, timm_to_mmpretrain)
 
 __all__ = [
@@ -19,5 +20,5 @@ __all__ = [
     'load_dense_or_lego', 'read_state_dict', 'pack_state', 'unpack_state',
     'remap_tasks', 'LegoLinear', 'extract_vit_task_state_dict',
     'load_vit_dense_or_lego', 'read_vit_state_dict', 'timm_to_mmpretrain',
-    'LegoBackboneMixin'
+    'mmseg_to_mmpretrain', 'mmpretrain_to_mmseg', 'LegoBackboneMixin'
 ]
