@@ -130,6 +130,12 @@ def test_init_weights_reaches_every_task_model():
                                                bias_init_with_prob(0.01)))
     assert head.conv_reg.weight.std() < 0.02
     assert model.tasks['fmnist_cls'].head.fc.weight.std() < 0.02
+    # The demo's init_cfg=None keeps torch's default for mmseg's conv_seg
+    # (uniform with bound 1/sqrt(fan_in), std 0.58 bound), not std 0.01.
+    conv_seg = model.tasks['fmnist_seg'].decode_head.conv_seg.weight
+    bound = conv_seg[0].numel()**-0.5
+    assert conv_seg.abs().max() <= bound
+    assert 0.45 * bound < conv_seg.std() < 0.7 * bound
     assert all(m.is_init for m in model.tasks.values())
 
 
