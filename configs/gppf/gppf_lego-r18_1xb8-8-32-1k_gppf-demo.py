@@ -98,10 +98,10 @@ model = dict(
                 norm_cfg=dict(type='BN', requires_grad=True),
                 align_corners=False,
                 # conv_seg keeps torch's default init (uniform, bound
-                # 1/sqrt(64)) instead of mmseg's normal std 0.01: from 0.01
-                # the head sends the shared backbone almost no gradient at
-                # first, and 1000 iterations end at 29 mIoU instead of 46
-                # (docs/benchmarks.md, "The demo").
+                # 1/sqrt(64)) instead of mmseg's normal std 0.01, whose
+                # small weights also scale down the gradient the head sends
+                # the shared backbone: 1000 iterations from std 0.01 end at
+                # 29 mIoU instead of 46 (docs/benchmarks.md, "The demo").
                 init_cfg=None,
                 loss_decode=dict(
                     type='CrossEntropyLoss',
