@@ -19,17 +19,29 @@ import logging
 import os
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from mmengine.logging import MMLogger
 
 __all__ = [
-    'add_common_args', 'setup', 'make_step', 'sync', 'cpu_peak_bytes',
-    'peak_bytes', 'compare', 'report'
+    'image_size', 'add_common_args', 'setup', 'make_step', 'sync',
+    'cpu_peak_bytes', 'peak_bytes', 'compare', 'report'
 ]
 
 Step = Callable[[], None]
+
+
+def image_size(text: str) -> Tuple[int, int]:
+    """``'224'`` or ``'800x1344'`` -> ``(height, width)`` (an argparse
+    ``type``)."""
+    parts = text.split('x')
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0
+                                           for p in parts):
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a size: expected S or HxW, e.g. 800x1344')
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
 
 
 def add_common_args(parser: argparse.ArgumentParser, batch: int,

@@ -31,7 +31,8 @@ from projects.gppf import LegoResNet  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--depth', type=int, default=50)
-    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument(
+        '--size', type=bench.image_size, default=(224, 224), help='S or HxW')
     parser.add_argument('--iters', type=int, default=10, help='rounds')
     parser.add_argument('--channels-last', action='store_true')
     bench.add_common_args(parser, batch=16, warmup=3)
@@ -46,13 +47,14 @@ def main() -> None:
         args.depth, num_legos=args.num_legos, num_active=args.num_active)
     fmt = (
         torch.channels_last if args.channels_last else torch.contiguous_format)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.randn(args.batch, 3, *args.size, device=device)
     x = x.contiguous(memory_format=fmt)
     result = bench.compare(stock, lego, x, args.amp, args.iters, args.warmup,
                            fmt)
     bench.report(
         result, device, f'depth={args.depth} num_legos={args.num_legos} '
-        f'num_active={args.num_active} batch={args.batch} size={args.size} '
+        f'num_active={args.num_active} batch={args.batch} '
+        f'size={args.size[0]}x{args.size[1]} '
         f'amp={args.amp} channels_last={args.channels_last} '
         f'iters={args.iters}')
     print(f'active fraction of lego units '

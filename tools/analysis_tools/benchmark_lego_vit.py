@@ -33,7 +33,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--arch', default='base', help='a VisionTransformer arch name')
     parser.add_argument('--patch-size', type=int, default=16)
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument(
+        '--img-size',
+        type=bench.image_size,
+        default=(224, 224),
+        help='S or HxW')
     parser.add_argument('--rounds', type=int, default=20)
     bench.add_common_args(parser, batch=4, warmup=2)
     return parser.parse_args()
@@ -47,12 +51,13 @@ def main() -> None:
     stock = VisionTransformer(**common)
     lego = LegoViT(
         num_legos=args.num_legos, num_active=args.num_active, **common)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    x = torch.randn(args.batch, 3, *args.img_size, device=device)
     result = bench.compare(stock, lego, x, args.amp, args.rounds, args.warmup)
     bench.report(
         result, device, f'arch={args.arch} num_legos={args.num_legos} '
         f'num_active={args.num_active} batch={args.batch} '
-        f'img_size={args.img_size} amp={args.amp} rounds={args.rounds}')
+        f'img_size={args.img_size[0]}x{args.img_size[1]} amp={args.amp} '
+        f'rounds={args.rounds}')
 
 
 if __name__ == '__main__':

@@ -13,10 +13,25 @@ goal <= 1.02) and peak memory allocated during each step (``memory ratio =
 simt / max(single)``, goal <= 1.15; CUDA: ``max_memory_allocated``, CPU: the
 allocator's running total recorded by the PyTorch profiler).
 
+With ``--stock`` (a ``LegoResNet`` config), each task's stock model is
+timed too: the task's stock head on mmseg's ``ResNet`` of the same arguments
+(the lego sub-network's dense twin), built and stepped as a one-task GPPF
+with its own optimizer. Reported: ``stock throughput ratio = sum(stock) /
+simt``, the SIMT iteration's throughput as a fraction of the stock
+single-task steps run back to back (issue goal on a GPU: >= 0.90).
+
+With ``--synthetic task=BxHxW ...`` the batches are random images and
+targets of those shapes (``_synthetic_batches.py``), so no dataset is read:
+what a machine without the datasets (a lent GPU) needs.
+
 Example::
 
     python tools/analysis_tools/benchmark_simt.py \
         configs/gppf/gppf_lego-r18_1xb8-8-32-1k_gppf-demo.py --iters 10
+    python tools/analysis_tools/benchmark_simt.py \
+        configs/gppf/gppf_lego-r50_8xb2-2-32-90k_coco-ade20k-in1k.py \
+        --stock --synthetic coco_det=2x800x1344 ade20k_seg=2x512x512 \
+        in1k_cls=32x224x224
 """
 import argparse
 import copy
@@ -29,7 +44,15 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-__all__ = ['peak_memory', 'time_call', 'benchmark', 'task_batches']
+try:  # imported as tools.analysis_tools.benchmark_simt
+    from ._synthetic_batches import parse_shapes, synthetic_batch
+except ImportError:  # run as a script
+    from _synthetic_batches import parse_shapes, synthetic_batch
+
+__all__ = [
+    'peak_memory', 'time_call', 'benchmark', 'stock_task_models',
+    'task_batches', 'synthetic_batches'
+]
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
@@ -59,8 +82,8 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     while stack:
         node = stack.pop()
         stack.extend(node.children)
-        if node.tag == _EventType.Allocation and (
-                node.extra_fields.device.type == 'cpu'):
+        if node.tag == _EventType.Allocation and (node.extra_fields.device.type
+                                                  == 'cpu'):
             peak = max(peak, node.extra_fields.total_allocated)
     return peak
 
@@ -84,7 +107,8 @@ def benchmark(model: torch.nn.Module,
               batches: Mapping[str, Any],
               optim_wrapper,
               iters: int = 10,
-              warmup: int = 2) -> Dict[str, Any]:
+              warmup: int = 2,
+              stock: Optional[Mapping[str, tuple]] = None) -> Dict[str, Any]:
     """Time and peak memory of a SIMT iteration vs single-task ones.
 
     Args:
@@ -92,24 +116,30 @@ def benchmark(model: torch.nn.Module,
         batches: One dataloader batch per task.
         optim_wrapper: The optimizer wrapper (steps every iteration).
         iters: Timed repetitions (median). warmup: untimed ones first.
+        stock: ``{task: (model, optim_wrapper)}``, a stock single-task
+            model per task, timed on the same batch.
 
     Returns:
         dict: ``simt_s``, ``single_s`` (per task), ``time_ratio``,
         ``simt_peak``, ``single_peak`` (per task, bytes), ``memory_ratio``
         and ``grad_bytes`` (all gradient buffers: a SIMT step keeps the
         ones earlier tasks filled while later tasks run, which bounds its
-        excess over the largest task).
+        excess over the largest task); with ``stock``, also ``stock_s``
+        (per task), ``sum_stock_s`` and ``stock_throughput_ratio``
+        (``sum_stock_s / simt_s``).
     """
     device = model.data_preprocessor.device
 
-    def step(tasks):
-        return lambda: model.train_step(
+    def step(net, wrapper, tasks):
+        return lambda: net.train_step(
             {t: copy.deepcopy(batches[t])
-             for t in tasks}, optim_wrapper)
+             for t in tasks}, wrapper)
 
     tasks = list(batches)
-    runs = {'simt': step(tasks)}
-    runs.update({t: step([t]) for t in tasks})
+    runs = {'simt': step(model, optim_wrapper, tasks)}
+    runs.update({t: step(model, optim_wrapper, [t]) for t in tasks})
+    for task, (net, wrapper) in (stock or {}).items():
+        runs[f'stock:{task}'] = step(net, wrapper, [task])
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -122,9 +152,9 @@ def benchmark(model: torch.nn.Module,
     peaks = {name: peak_memory(fn, device) for name, fn in runs.items()}
     single_s = {t: median[t] for t in tasks}
     single_peak = {t: peaks[t] for t in tasks}
-    grad_bytes = sum(p.numel() * p.element_size()
-                     for p in model.parameters() if p.requires_grad)
-    return dict(
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                     if p.requires_grad)
+    res = dict(
         grad_bytes=grad_bytes,
         device=str(device),
         iters=iters,
@@ -135,6 +165,68 @@ def benchmark(model: torch.nn.Module,
         simt_peak=peaks['simt'],
         single_peak=single_peak,
         memory_ratio=peaks['simt'] / max(single_peak.values()))
+    if stock:
+        stock_s = {t: median[f'stock:{t}'] for t in stock}
+        res.update(
+            stock_s=stock_s,
+            stock_peak={t: peaks[f'stock:{t}']
+                        for t in stock},
+            sum_stock_s=sum(stock_s.values()),
+            stock_throughput_ratio=sum(stock_s.values()) / median['simt'])
+    return res
+
+
+#: LegoResNet arguments that its stock twin (mmseg's ResNet) does not take.
+_LEGO_ONLY = ('type', 'num_legos', 'num_active', 'tasks', 'task', 'router',
+              'task_norm', 'init_cfg', 'pretrained')
+
+
+def stock_task_models(cfg, device: torch.device,
+                      optim_cfg: dict) -> Dict[str, tuple]:
+    """Per task, the stock single-task model and its optimizer wrapper: a
+    one-task GPPF whose backbone is mmseg's ``ResNet`` of the config's
+    ``LegoResNet`` arguments (a dense ResNet of the lego sub-network's
+    width), so the task's stock model runs under the same ``train_step``;
+    ``optim_cfg`` builds each one's optimizer wrapper.
+
+    Raises:
+        ValueError: the config's backbone is not a ``LegoResNet``.
+    """
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS
+    backbone = dict(cfg.model.backbone)
+    if backbone.get('type') != 'LegoResNet':
+        raise ValueError('--stock compares a LegoResNet with its stock twin; '
+                         f'this config\'s backbone is {backbone.get("type")}')
+    twin = dict(
+        type='mmseg.ResNet',
+        **{
+            k: v
+            for k, v in backbone.items() if k not in _LEGO_ONLY
+        })
+    # mmseg's stem defaults to 64 channels, LegoResNet's to base_channels.
+    twin['stem_channels'] = (
+        backbone.get('stem_channels') or backbone.get('base_channels', 64))
+    out = {}
+    for task in cfg.model.tasks:
+        one = copy.deepcopy(cfg.model)
+        one.backbone = twin
+        one.tasks = {task: one.tasks[task]}
+        for key in ('loss_weights', ):
+            if one.get(key):
+                one[key] = {task: one[key][task]}
+        preprocessors = (one.get('data_preprocessor')
+                         or {}).get('preprocessors')
+        if preprocessors:
+            one.data_preprocessor.preprocessors = {task: preprocessors[task]}
+        net = MODELS.build(one)
+        net.init_weights()
+        if device.type != 'cuda':
+            net = revert_sync_batchnorm(net)
+        net = net.to(device).train()
+        out[task] = (net, build_optim_wrapper(net, copy.deepcopy(optim_cfg)))
+    return out
 
 
 def task_batches(cfg, seed: int = 0) -> Dict[str, Any]:
@@ -150,8 +242,7 @@ def task_batches(cfg, seed: int = 0) -> Dict[str, Any]:
         loader_cfg.pop('persistent_workers', None)
         if scope_of(loader_cfg['dataset']):
             loader_cfg['dataset'] = with_scope(loader_cfg['dataset'], '')
-        out[task] = next(iter(Runner.build_dataloader(loader_cfg,
-                                                      seed=seed)))
+        out[task] = next(iter(Runner.build_dataloader(loader_cfg, seed=seed)))
     return out
 
 
@@ -160,15 +251,45 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument('config', help='a GPPF config with train_dataloader')
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available()
-                   else 'cpu')
+    p.add_argument(
+        '--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument(
         '--amp', action='store_true', help='fp16 SIMTAmpOptimWrapper')
-    p.add_argument('--cfg-options', nargs='+', default=[],
-                   help='key=value overrides, e.g. '
-                   'train_dataloader.mnist_det.batch_size=4')
+    p.add_argument(
+        '--cfg-options',
+        nargs='+',
+        default=[],
+        help='key=value overrides, e.g. '
+        'train_dataloader.mnist_det.batch_size=4')
+    p.add_argument(
+        '--stock',
+        action='store_true',
+        help='also time each task\'s stock model (LegoResNet configs)')
+    p.add_argument(
+        '--synthetic',
+        nargs='+',
+        metavar='TASK=BxHxW',
+        help='random batches of these shapes instead of the dataloaders\'')
     p.add_argument('--out', help='write the figures as JSON here')
     return p.parse_args(argv)
+
+
+def synthetic_batches(model, specs: list) -> Dict[str, Any]:
+    """``TASK=BxHxW`` specs -> a random batch per task of ``model``.
+
+    Raises:
+        ValueError: a spec is malformed, or the tasks named are not exactly
+            the model's.
+    """
+    pairs = [spec.partition('=') for spec in specs]
+    shapes = parse_shapes({task: shape for task, _, shape in pairs})
+    if set(shapes) != set(model.tasks):
+        raise ValueError(f'--synthetic names {sorted(shapes)}; give a shape '
+                         f'for each task of the config: {sorted(model.tasks)}')
+    return {
+        task: synthetic_batch(model.tasks[task], shape, seed=i)
+        for i, (task, shape) in enumerate(shapes.items())
+    }
 
 
 def main(argv: Optional[list] = None) -> Dict[str, Any]:
@@ -177,6 +298,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     if repo not in sys.path:
         sys.path.insert(0, repo)
     from mmengine.config import Config, DictAction
+    from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import MODELS, DefaultScope
 
@@ -192,20 +314,30 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
     model = MODELS.build(cfg.model)
     model.init_weights()
+    if device.type != 'cuda':  # torch's SyncBatchNorm needs a GPU
+        model = revert_sync_batchnorm(model)
     model = model.to(device).train()
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
     if args.amp:
         optim_cfg['type'] = 'SIMTAmpOptimWrapper'
         optim_cfg.setdefault('loss_scale', 'dynamic')
     wrapper = build_optim_wrapper(model, optim_cfg)
-    batches = task_batches(cfg)
+    batches = (
+        synthetic_batches(model, args.synthetic)
+        if args.synthetic else task_batches(cfg))
+    stock = (stock_task_models(cfg, device, optim_cfg) if args.stock else None)
     shapes = {
         t: (len(b['inputs']), tuple(b['inputs'][0].shape))
         for t, b in batches.items()
     }
-    res = benchmark(model, batches, wrapper, args.iters, args.warmup)
-    res.update(config=args.config, batches=shapes, amp=args.amp,
-               torch=torch.__version__, threads=torch.get_num_threads())
+    res = benchmark(model, batches, wrapper, args.iters, args.warmup, stock)
+    res.update(
+        config=args.config,
+        batches=shapes,
+        amp=args.amp,
+        synthetic=bool(args.synthetic),
+        torch=torch.__version__,
+        threads=torch.get_num_threads())
     mib = 2.0**20
     print(f'device {res["device"]}, torch {res["torch"]}, '
           f'{res["threads"]} threads, median of {args.iters}')
@@ -222,6 +354,13 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
           f'(goal <= 1.15); excess '
           f'{(res["simt_peak"] - max(res["single_peak"].values())) / mib:.1f}'
           f' MiB, gradient buffers {res["grad_bytes"] / mib:.1f} MiB')
+    if stock:
+        for task in batches:
+            print(f'  stock  {task:14s} {res["stock_s"][task] * 1e3:9.1f} ms '
+                  f'peak {res["stock_peak"][task] / mib:8.1f} MiB')
+        print(f'  sum of stock         {res["sum_stock_s"] * 1e3:9.1f} ms')
+        print('stock throughput ratio sum(stock) / SIMT = '
+              f'{res["stock_throughput_ratio"]:.3f} (goal >= 0.90 on a GPU)')
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(res, f, indent=1)
