@@ -3,6 +3,7 @@ checkpoint that does not fit fails before training with the cause and its
 fix, where the stock ``Pretrained`` loads it silently (the module keeps
 random weights); the allow-list; route copy refuses a dense checkpoint and
 an unknown task. Tiny ResNets and ViTs, random weights, made here."""
+import copy
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 from _lego_common import load_tool
 from mmdet.models.backbones import ResNet as DetResNet
+from mmengine.model import BaseModule
 from mmpretrain.models.backbones import ResNet as ClsResNet
 from mmpretrain.models.backbones import VisionTransformer
 from mmseg.models.backbones import ResNet as SegResNet
@@ -98,8 +100,9 @@ def test_a_stock_vit_is_sent_to_pretrained(ckpts):
     and the fix loads it exactly."""
     model = VisionTransformer(
         arch=VIT, init_cfg=_checked(ckpts['vit']), **VIT_ARGS)
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"redraws pos_embed .*\(type='Pretrained'"):
+    with pytest.raises(
+            CheckpointMismatchError,
+            match=r"redraws pos_embed .*\(type='Pretrained'"):
         model.init_weights()
     model = VisionTransformer(
         arch=VIT,
@@ -111,6 +114,59 @@ def test_a_stock_vit_is_sent_to_pretrained(ckpts):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(
             value, given['backbone.' + key], rtol=0, atol=0)
+
+
+class _Redraws(BaseModule):
+    """Redraws its conv after any load, as a backbone whose
+    ``init_weights`` ends with its own init."""
+
+    def __init__(self, init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.normal_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_load_undone_before_the_first_forward_is_named(tmp_path):
+    """A re-initialisation after the checked load fails at the first
+    forward, naming the tensors and the fix; a resume (``load_state_dict``)
+    in between lifts the check, a deep copy (an EMA model) never runs it."""
+    torch.manual_seed(0)
+    state = _Redraws().state_dict()
+    ckpt = _save(state, tmp_path / 'redraws.pth', prefix='')
+    x = torch.randn(2, 3, 8, 8)
+
+    model = _Redraws(init_cfg=_checked(ckpt, prefix=None))
+    model.init_weights()
+    copy_ = copy.deepcopy(model)
+    with pytest.raises(
+            CheckpointMismatchError,
+            match=r"1 of its tensors .*\['conv.weight'\].*"
+            r"type='Pretrained'"):
+        model(x)
+    with torch.no_grad():
+        copy_.conv.weight.add_(1.0)
+    copy_(x)  # a copy's forward checks nothing
+
+    model = _Redraws(init_cfg=_checked(ckpt, prefix=None))
+    model.init_weights()
+    model.load_state_dict(state)  # e.g. a resume after the init
+    model(x)
+    assert not model._forward_pre_hooks
+
+
+def test_an_intact_load_passes_the_first_forward(ckpts):
+    model = _resnet(DetResNet, init_cfg=_checked(ckpts['export']))
+    model.init_weights()
+    assert len(model._forward_pre_hooks) == 1
+    model(torch.randn(2, 3, 64, 64))
+    assert not model._forward_pre_hooks  # the check ran once and left
 
 
 def _silent_with_stock(build: Callable[[dict], nn.Module], checkpoint: str,

@@ -276,20 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     done = [r.name for r in runs if r not in todo]
     print(f'{len(runs)} runs, {len(done)} already recorded')
     if args.dry_run:
-        for run in runs:
-            print(('[done] ' if run.name in done else '') +
-                  shlex.join(run.command(args.work_dir)))
+        ex.print_plan(runs, done, args.work_dir)
         return 0
-    try:
-        ex.schedule(
-            todo, args.jobs, lambda r: ex.announce(
-                ex.execute(r, args.work_dir, args.threads, {})),
-            lambda r: r.iters, done)
-    except (ex.RunFailed, KeyboardInterrupt) as exc:
-        print(
-            f'downstream_transfer: {str(exc) or "interrupted"}\nFinished '
-            'runs are recorded; rerun the same command to resume.',
-            file=sys.stderr)
+    if not ex.run_all('downstream_transfer', todo, done, args.work_dir,
+                      args.jobs, args.threads, {}, lambda r: r.iters):
         return 1
     records = {}
     for run in runs:

@@ -414,23 +414,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'{len(runs)} runs, {len(runs) - len(todo)} already recorded; '
           f'estimate for the rest: {estimate_s(s, todo) / 60:.0f} min')
     if args.dry_run:
-        for run in runs:
-            print(('[done] ' if run.name in done else '') +
-                  shlex.join(run.command(s.work_dir)))
+        ex.print_plan(runs, done, s.work_dir)
         return 0
-    if not args.report_only:
-        router_cfg = dict(cfgs['lego'].model.backbone.get('router') or {})
-        try:
-            ex.schedule(
-                todo, s.jobs, lambda r: ex.announce(
-                    ex.execute(r, s.work_dir, s.threads, router_cfg)),
-                lambda r: estimate_s(s, [r]), done)
-        except (ex.RunFailed, KeyboardInterrupt) as exc:
-            print(
-                f'gppf_experiment: {str(exc) or "interrupted"}\nFinished '
-                'runs are recorded; rerun the same command to resume.',
-                file=sys.stderr)
-            return 1
+    if not args.report_only and not ex.run_all(
+            'gppf_experiment', todo, done, s.work_dir, s.jobs, s.threads,
+            dict(cfgs['lego'].model.backbone.get('router') or {}),
+            lambda r: estimate_s(s, [r])):
+        return 1
     report(s, runs, args.out, args.plot, command, started, len(done),
            cfgs['lego'])
     return 0

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import os.path as osp
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from tools.analysis_tools.gppf_experiment_plan import (LEGO_ARMS, Run,
 __all__ = [
     'write_json', 'load_record', 'pending_runs', 'read_metrics',
     'read_iter_times', 'read_final_losses', 'read_loss_curve',
-    'router_summary', 'execute', 'schedule', 'RunFailed', 'announce'
+    'router_summary', 'execute', 'schedule', 'RunFailed', 'announce',
+    'print_plan', 'run_all'
 ]
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -409,3 +411,30 @@ def schedule(runs: Sequence[Run], jobs: int, work: Work, cost: Cost,
         missing = ', '.join(sorted({str(r.source) for r in todo}))
         raise RunFailed(f'runs whose source never finished: {missing}')
     return results
+
+
+def print_plan(runs: Sequence[Run], done: Sequence[str],
+               work_dir: str) -> None:
+    """Print each run's command, ``[done]`` before the recorded ones."""
+    for run in runs:
+        print(('[done] ' if run.name in done else '') +
+              shlex.join(run.command(work_dir)))
+
+
+def run_all(tool: str, todo: Sequence[Run], done: Sequence[str], work_dir: str,
+            jobs: int, threads: int, router_cfg: dict, cost: Cost) -> bool:
+    """:func:`execute` and :func:`announce` every run of ``todo`` on
+    ``jobs`` workers (:func:`schedule`). On a failed run or an interrupt,
+    say on stderr, as ``tool``, that the finished runs are recorded and the
+    same command resumes, and return False."""
+    try:
+        schedule(todo, jobs,
+                 lambda r: announce(execute(r, work_dir, threads, router_cfg)),
+                 cost, done)
+    except (RunFailed, KeyboardInterrupt) as exc:
+        print(
+            f'{tool}: {str(exc) or "interrupted"}\nFinished runs are '
+            'recorded; rerun the same command to resume.',
+            file=sys.stderr)
+        return False
+    return True

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md that a lent GPU measures, in one run
-# (each command at most LIMIT seconds, default 150):
+# (each command at most LIMIT seconds, default 110, so the run fits the 10 minutes
+# a lent GPU allows one command):
 #   * LegoResNet-50 and LegoViT-B against their stock backbones, forward +
 #     backward, bf16: batch 32 x 224² and detection's 2 x 800x1344 per GPU;
 #   * one 3-task SIMT iteration of GPPF-R50 (COCO + ADE20K + ImageNet at the
@@ -13,7 +14,7 @@ set -uo pipefail
 out=${1:-work_dirs/gpu_benchmarks}
 py=${PYTHON:-python}
 device=${DEVICE:-cuda}
-limit=${LIMIT:-150}
+limit=${LIMIT:-110}
 tools=tools/analysis_tools
 mkdir -p "$out"
 failed=0

@@ -20,11 +20,16 @@ it loads, so the loaded last norms stay. Backbones that re-initialise other
 tensors unless the type is ``'Pretrained'`` (mmpretrain's and mmseg's
 ViTs redraw ``pos_embed``, their layers the FFN) would lose the load: a
 module with a ``pos_embed`` is refused, after the fit check, with the fix
-(``'Pretrained'``). ``LegoResNet`` and ``LegoViT`` load a ``CheckedPretrained``
-checkpoint with their own loader (:data:`PRETRAINED_TYPES`).
+(``'Pretrained'``). Any other re-initialisation after the load (a parent's
+or a child's ``init_weights``) is caught at the module's first forward: the
+loaded tensors are fingerprinted after the load and compared then, unless a
+``load_state_dict`` (a resume) replaced them in between. ``LegoResNet`` and
+``LegoViT`` load a ``CheckedPretrained`` checkpoint with their own loader
+(:data:`PRETRAINED_TYPES`).
 """
 import fnmatch
 import re
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -113,6 +118,7 @@ class CheckedPretrainedInit(PretrainedInit):
         super().__call__(module)  # the stock load, now known to fit
         if getattr(module, 'zero_init_residual', False):
             module.zero_init_residual = False  # as after 'Pretrained'
+        _guard_until_first_forward(module, list(state), self.checkpoint)
 
     def read_state(self) -> StateDict:
         """What the stock ``Pretrained`` loads: the checkpoint's
@@ -165,6 +171,57 @@ class CheckedPretrainedInit(PretrainedInit):
         for key, want, got in shapes[:_SHOWN]:
             lines.append(f'shape of {key}: module {want}, checkpoint {got}')
         return '\n'.join(lines)
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums of squares and of magnitudes in float64, on the CPU: equal
+    (to rounding) on any device, changed by any re-draw."""
+    value = tensor.detach().double()
+    return torch.stack([value.square().sum(), value.abs().sum()]).cpu()
+
+
+def _guard_until_first_forward(module: nn.Module, keys: List[str],
+                               checkpoint: str) -> None:
+    """Raise at ``module``'s first forward if a floating tensor of
+    ``keys`` changed since now; a ``load_state_dict`` into ``module`` in
+    between (a resume) lifts the guard. A deep copy of ``module`` (an EMA
+    model) carries the hook, which does nothing there."""
+    state = module.state_dict()
+    prints = {
+        k: _fingerprint(state[k])
+        for k in keys if state[k].is_floating_point()
+    }
+    owner = weakref.ref(module)
+    handles = []
+
+    def lift(*_) -> None:
+        for handle in handles:
+            handle.remove()
+
+    def check(mod: nn.Module, _) -> None:
+        if mod is not owner():
+            return
+        lift()
+        now = mod.state_dict()
+        changed = [
+            k for k, p in prints.items() if k in now and
+            not torch.allclose(_fingerprint(now[k]), p, rtol=1e-5, atol=1e-8)
+        ]
+        if changed:
+            more = f' (+{len(changed) - _SHOWN} more)' if len(
+                changed) > _SHOWN else ''
+            raise CheckpointMismatchError(
+                f'CheckedPretrained loaded {checkpoint} into '
+                f'{type(mod).__name__}, but {len(changed)} of its tensors '
+                f'were re-initialised before the first forward: '
+                f'{changed[:_SHOWN]}{more}. An init_weights that runs after '
+                "the load (the module's own, for any init_cfg type but "
+                "'Pretrained', or a parent's) redrew them: use "
+                "init_cfg=dict(type='Pretrained', ...), which mmengine runs "
+                'last, or remove the re-initialisation.')
+
+    handles.append(module.register_forward_pre_hook(check))
+    handles.append(module.register_load_state_dict_pre_hook(lift))
 
 
 def diagnose(module: nn.Module, state: StateDict, missing: List[str],
