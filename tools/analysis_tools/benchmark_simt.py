@@ -50,8 +50,8 @@ except ImportError:  # run as a script
     from _synthetic_batches import parse_shapes, synthetic_batch
 
 __all__ = [
-    'peak_memory', 'time_call', 'benchmark', 'stock_task_models',
-    'task_batches', 'synthetic_batches'
+    'peak_memory', 'time_call', 'benchmark', 'build_model',
+    'stock_task_models', 'task_batches', 'synthetic_batches'
 ]
 
 
@@ -176,6 +176,18 @@ def benchmark(model: torch.nn.Module,
     return res
 
 
+def build_model(model_cfg, device: torch.device) -> torch.nn.Module:
+    """Build and initialise ``model_cfg`` in train mode on ``device``
+    (SyncBN reverted to BN off the GPU, where torch's needs CUDA)."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    if device.type != 'cuda':
+        model = revert_sync_batchnorm(model)
+    return model.to(device).train()
+
+
 #: LegoResNet arguments that its stock twin (mmseg's ResNet) does not take.
 _LEGO_ONLY = ('type', 'num_legos', 'num_active', 'tasks', 'task', 'router',
               'task_norm', 'init_cfg', 'pretrained')
@@ -192,9 +204,7 @@ def stock_task_models(cfg, device: torch.device,
     Raises:
         ValueError: the config's backbone is not a ``LegoResNet``.
     """
-    from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS
     backbone = dict(cfg.model.backbone)
     if backbone.get('type') != 'LegoResNet':
         raise ValueError('--stock compares a LegoResNet with its stock twin; '
@@ -213,18 +223,13 @@ def stock_task_models(cfg, device: torch.device,
         one = copy.deepcopy(cfg.model)
         one.backbone = twin
         one.tasks = {task: one.tasks[task]}
-        for key in ('loss_weights', ):
-            if one.get(key):
-                one[key] = {task: one[key][task]}
+        if one.get('loss_weights'):
+            one.loss_weights = {task: one.loss_weights[task]}
         preprocessors = (one.get('data_preprocessor')
                          or {}).get('preprocessors')
         if preprocessors:
             one.data_preprocessor.preprocessors = {task: preprocessors[task]}
-        net = MODELS.build(one)
-        net.init_weights()
-        if device.type != 'cuda':
-            net = revert_sync_batchnorm(net)
-        net = net.to(device).train()
+        net = build_model(one, device)
         out[task] = (net, build_optim_wrapper(net, copy.deepcopy(optim_cfg)))
     return out
 
@@ -298,9 +303,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     if repo not in sys.path:
         sys.path.insert(0, repo)
     from mmengine.config import Config, DictAction
-    from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS, DefaultScope
+    from mmengine.registry import DefaultScope
 
     import projects.gppf  # noqa: F401  (registers GPPF)
     cfg = Config.fromfile(args.config)
@@ -312,11 +316,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
         'benchmark_simt', scope_name=cfg.get('default_scope', 'mmengine'))
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    if device.type != 'cuda':  # torch's SyncBatchNorm needs a GPU
-        model = revert_sync_batchnorm(model)
-    model = model.to(device).train()
+    model = build_model(cfg.model, device)
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
     if args.amp:
         optim_cfg['type'] = 'SIMTAmpOptimWrapper'
