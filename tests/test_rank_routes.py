@@ -1,11 +1,14 @@
 """rank_routes.py (probe each pre-training route on a new dataset) and
 downstream_transfer.py (the transfer measurement's plan and report)."""
+import time
+import types
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import mmengine.runner.runner as mmengine_runner
 from _lego_common import load_tool
 from mmengine.config import Config
 
@@ -89,7 +92,12 @@ def _cls_config(root: Path) -> Config:
 
 
 @pytest.mark.slow
-def test_rank_probes_every_route_on_the_same_batches(tmp_path):
+def test_rank_probes_every_route_on_the_same_batches(tmp_path, monkeypatch):
+    # Every probe's Runner gets the same timestamp, as probes started within
+    # one second do: each must still log into its own work dir.
+    frozen = types.SimpleNamespace(
+        time=lambda: 1.0e9, strftime=time.strftime, localtime=time.localtime)
+    monkeypatch.setattr(mmengine_runner, 'time', frozen)
     ckpt = _lego_checkpoint(tmp_path / 'gppf.pth')
     cfg = _cls_config(tmp_path / 'data')
     rows = rank_routes.rank(cfg, str(ckpt), [], images=8, iters=4, seed=0)

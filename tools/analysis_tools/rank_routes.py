@@ -115,6 +115,13 @@ def probe_config(cfg: Config, checkpoint: str, layout: dict,
     cfg.custom_hooks = []
     cfg.randomness = dict(seed=seed)
     cfg.work_dir = work_dir
+    # mmengine names the logger and visualizer instances after the
+    # experiment (a per-second timestamp by default) and reuses an existing
+    # instance of that name: two probes started within one second would share
+    # the first one's, whose work dir is gone.
+    cfg.experiment_name = f'rank_routes_{osp.basename(work_dir)}'
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer.name = cfg.experiment_name
     cfg.load_from = None
     cfg.resume = False
     return cfg
